@@ -1,0 +1,1 @@
+"""Ops-Core: a gRPC control plane for fleets of AI agents."""

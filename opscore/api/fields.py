@@ -1,0 +1,82 @@
+"""Request validation at the edge: collects every bad field, then raises once."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from datetime import UTC, datetime
+from typing import Any
+
+from google.protobuf import json_format, struct_pb2, timestamp_pb2
+from google.protobuf.message import Message
+
+from opscore.errors import FieldViolation, InvalidArgumentError
+
+ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]*")
+MAX_ID_LENGTH = 128
+MAX_STRUCT_BYTES = 16 * 1024
+
+
+class Violations:
+    def __init__(self) -> None:
+        self._items: list[FieldViolation] = []
+
+    def add(self, field: str, description: str) -> None:
+        self._items.append(FieldViolation(field, description))
+
+    def text(self, field: str, value: str, *, max_len: int, required: bool = False) -> None:
+        if required and not value:
+            self.add(field, "is required")
+        elif len(value) > max_len:
+            self.add(field, f"must be at most {max_len} characters (got {len(value)})")
+
+    def identifier(self, field: str, value: str, *, required: bool = True) -> None:
+        if not value:
+            if required:
+                self.add(field, "is required")
+        elif len(value) > MAX_ID_LENGTH:
+            self.add(field, f"must be at most {MAX_ID_LENGTH} characters")
+        elif not ID_PATTERN.fullmatch(value):
+            self.add(
+                field, "must start with a letter or digit and hold only letters, digits, . _ : -"
+            )
+
+    def enum(self, field: str, value: int, allowed: Iterable[Any]) -> None:
+        names = sorted(allowed, key=int)
+        if value not in {int(a) for a in names}:
+            self.add(field, f"must be one of {', '.join(a.name for a in names)} (got {value})")
+
+    def struct(self, field: str, value: struct_pb2.Struct) -> None:
+        size = value.ByteSize()
+        if size > MAX_STRUCT_BYTES:
+            self.add(field, f"must be at most {MAX_STRUCT_BYTES} bytes serialized (got {size})")
+
+    def raise_if_any(self) -> None:
+        if self._items:
+            raise InvalidArgumentError(self._items)
+
+
+def require_id(field: str, value: str) -> str:
+    """A single id argument (Get/Deregister/...): present and well-formed."""
+    v = Violations()
+    v.identifier(field, value)
+    v.raise_if_any()
+    return value
+
+
+def struct_to_dict(value: struct_pb2.Struct) -> dict[str, Any]:
+    result: dict[str, Any] = json_format.MessageToDict(value)
+    return result
+
+
+def dict_to_struct(value: dict[str, Any], target: struct_pb2.Struct) -> None:
+    target.Clear()
+    if value:
+        target.update(value)
+
+
+def optional_time(message: Message, field: str) -> datetime | None:
+    if not message.HasField(field):
+        return None
+    stamp: timestamp_pb2.Timestamp = getattr(message, field)
+    return stamp.ToDatetime(tzinfo=UTC)

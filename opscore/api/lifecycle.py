@@ -1,0 +1,82 @@
+"""LifecycleService servicer: translate, call the domain, translate back."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+from google.protobuf import timestamp_pb2
+from opspawn.opscore.v1 import lifecycle_pb2 as pb
+from opspawn.opscore.v1 import lifecycle_pb2_grpc
+
+from opscore.api import lifecycle_convert as convert
+from opscore.api.fields import optional_time, require_id, struct_to_dict
+from opscore.lifecycle import Lifecycle
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
+class LifecycleServicer(lifecycle_pb2_grpc.LifecycleServiceServicer):
+    def __init__(self, lifecycle: Lifecycle) -> None:
+        self._lifecycle = lifecycle
+
+    async def RegisterAgent(self, request: pb.RegisterAgentRequest, context: Context) -> pb.Agent:
+        registration = convert.registration_from_proto(request)
+        return convert.agent_to_proto(await self._lifecycle.register(registration))
+
+    async def DeregisterAgent(
+        self, request: pb.DeregisterAgentRequest, context: Context
+    ) -> pb.Agent:
+        agent_id = require_id("agent_id", request.agent_id)
+        return convert.agent_to_proto(await self._lifecycle.deregister(agent_id))
+
+    async def GetAgent(self, request: pb.GetAgentRequest, context: Context) -> pb.Agent:
+        agent_id = require_id("agent_id", request.agent_id)
+        return convert.agent_to_proto(await self._lifecycle.get(agent_id))
+
+    async def ListAgents(
+        self, request: pb.ListAgentsRequest, context: Context
+    ) -> pb.ListAgentsResponse:
+        flt = convert.list_filter(request)
+        page = await self._lifecycle.list_agents(flt, request.page_size, request.page_token)
+        return pb.ListAgentsResponse(
+            agents=[convert.agent_to_proto(a) for a in page.items],
+            next_page_token=page.next_page_token,
+        )
+
+    async def UpdateAgentState(
+        self, request: pb.UpdateAgentStateRequest, context: Context
+    ) -> pb.Agent:
+        state = convert.reported_state(request)
+        agent = await self._lifecycle.update_state(
+            request.agent_id,
+            state,
+            struct_to_dict(request.details),
+            optional_time(request, "observed_at"),
+        )
+        return convert.agent_to_proto(agent)
+
+    async def Heartbeat(
+        self, request: pb.HeartbeatRequest, context: Context
+    ) -> pb.HeartbeatResponse:
+        agent_id = require_id("agent_id", request.agent_id)
+        agent = await self._lifecycle.heartbeat(agent_id)
+        server_time = timestamp_pb2.Timestamp()
+        server_time.FromDatetime(agent.last_heartbeat_at)
+        return pb.HeartbeatResponse(
+            state=agent.state.value,  # type: ignore[arg-type]
+            liveness_timeout_seconds=max(1, int(self._lifecycle.liveness_timeout)),
+            server_time=server_time,
+        )
+
+    async def WatchAgentStates(
+        self, request: pb.WatchAgentStatesRequest, context: Context
+    ) -> AsyncIterator[pb.WatchAgentStatesResponse]:
+        flt = convert.watch_filter(request)
+        since = request.since_revision if request.HasField("since_revision") else None
+        async for batch in self._lifecycle.watch(flt, since, request.send_initial_state):
+            response = pb.WatchAgentStatesResponse()
+            for event in batch:
+                convert.event_to_proto(event, response.events.add())
+            yield response

@@ -1,0 +1,118 @@
+"""LifecycleService: protobuf <-> domain, validating every request field."""
+
+from __future__ import annotations
+
+from opspawn.opscore.v1 import lifecycle_pb2 as pb
+
+from opscore.api.fields import MAX_STRUCT_BYTES, Violations, dict_to_struct
+from opscore.models import (
+    REPORTABLE_STATES,
+    Agent,
+    AgentEvent,
+    AgentFilter,
+    AgentRegistration,
+    AgentState,
+)
+
+MAX_CAPABILITIES = 64
+MAX_METADATA_ENTRIES = 64
+MAX_METADATA_BYTES = MAX_STRUCT_BYTES
+MAX_WATCH_AGENT_IDS = 1000
+
+
+def registration_from_proto(req: pb.RegisterAgentRequest) -> AgentRegistration:
+    v = Violations()
+    v.identifier("agent_id", req.agent_id, required=False)
+    v.text("name", req.name, max_len=256, required=True)
+    v.text("version", req.version, max_len=64)
+    v.text("contact_endpoint", req.contact_endpoint, max_len=512)
+    if len(req.capabilities) > MAX_CAPABILITIES:
+        v.add("capabilities", f"at most {MAX_CAPABILITIES} capabilities")
+    seen: set[str] = set()
+    for i, cap in enumerate(req.capabilities):
+        v.text(f"capabilities[{i}]", cap, max_len=128, required=True)
+        if cap in seen:
+            v.add(f"capabilities[{i}]", f"duplicate capability {cap!r}")
+        seen.add(cap)
+    if len(req.metadata) > MAX_METADATA_ENTRIES:
+        v.add("metadata", f"at most {MAX_METADATA_ENTRIES} entries")
+    total = 0
+    for key, value in sorted(req.metadata.items()):
+        path = f"metadata[{key[:64]}]"
+        v.text(path, key, max_len=128, required=True)
+        v.text(path, value, max_len=1024)
+        total += len(key) + len(value)
+    if total > MAX_METADATA_BYTES:
+        v.add("metadata", f"must be at most {MAX_METADATA_BYTES} bytes in all")
+    v.raise_if_any()
+    return AgentRegistration(
+        agent_id=req.agent_id,
+        name=req.name,
+        version=req.version,
+        capabilities=tuple(req.capabilities),
+        contact_endpoint=req.contact_endpoint,
+        metadata=dict(req.metadata),
+    )
+
+
+def reported_state(req: pb.UpdateAgentStateRequest) -> AgentState:
+    v = Violations()
+    v.identifier("agent_id", req.agent_id)
+    v.enum("state", req.state, REPORTABLE_STATES)
+    v.struct("details", req.details)
+    v.raise_if_any()
+    return AgentState(req.state)
+
+
+def list_filter(req: pb.ListAgentsRequest) -> AgentFilter:
+    v = Violations()
+    for i, state in enumerate(req.states):
+        v.enum(f"states[{i}]", state, set(AgentState) - {AgentState.UNSPECIFIED})
+    v.text("capability", req.capability, max_len=128)
+    v.raise_if_any()
+    return AgentFilter(
+        states=frozenset(AgentState(s) for s in req.states), capability=req.capability
+    )
+
+
+def watch_filter(req: pb.WatchAgentStatesRequest) -> AgentFilter:
+    v = Violations()
+    if len(req.agent_ids) > MAX_WATCH_AGENT_IDS:
+        v.add("agent_ids", f"at most {MAX_WATCH_AGENT_IDS} ids")
+    for i, agent_id in enumerate(req.agent_ids):
+        v.identifier(f"agent_ids[{i}]", agent_id)
+    v.text("capability", req.capability, max_len=128)
+    if req.HasField("since_revision"):
+        if req.since_revision < 0:
+            v.add("since_revision", "must not be negative")
+        if req.send_initial_state:
+            v.add("since_revision", "cannot be combined with send_initial_state")
+    v.raise_if_any()
+    return AgentFilter(agent_ids=frozenset(req.agent_ids), capability=req.capability)
+
+
+def agent_to_proto(agent: Agent, out: pb.Agent | None = None) -> pb.Agent:
+    msg = pb.Agent() if out is None else out
+    msg.agent_id = agent.agent_id
+    msg.name = agent.name
+    msg.version = agent.version
+    msg.capabilities.extend(agent.capabilities)
+    msg.contact_endpoint = agent.contact_endpoint
+    msg.metadata.update(agent.metadata)
+    msg.state = agent.state.value  # type: ignore[assignment]
+    dict_to_struct(agent.state_details, msg.state_details)
+    msg.registered_at.FromDatetime(agent.registered_at)
+    msg.state_updated_at.FromDatetime(agent.state_updated_at)
+    msg.last_heartbeat_at.FromDatetime(agent.last_heartbeat_at)
+    if agent.state_observed_at is not None:
+        msg.state_observed_at.FromDatetime(agent.state_observed_at)
+    msg.revision = agent.revision
+    return msg
+
+
+def event_to_proto(event: AgentEvent, out: pb.AgentEvent) -> None:
+    out.revision = event.revision
+    out.type = event.type.value  # type: ignore[assignment]
+    if event.agent is not None:
+        agent_to_proto(event.agent, out.agent)
+    out.occurred_at.FromDatetime(event.occurred_at)

@@ -1,0 +1,52 @@
+"""Settings: env vars `OPSCORE_*`, overridden by CLI flags; bad values fail at start."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from opscore.errors import ConfigurationError
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="OPSCORE_", extra="forbid")
+
+    host: str = "127.0.0.1"
+    port: int = Field(50051, ge=0, le=65535)
+    db: Path = Path("opscore.db")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    # SQLite: NORMAL survives a killed process (WAL); FULL also survives power loss.
+    sqlite_synchronous: Literal["NORMAL", "FULL"] = "NORMAL"
+    sqlite_readers: int = Field(2, ge=1, le=32)
+    max_batch: int = Field(256, ge=1, le=10_000)
+
+    # Agents silent this long go OFFLINE; checked every liveness_check_interval.
+    liveness_timeout: float = Field(30.0, gt=0)
+    liveness_check_interval: float = Field(5.0, gt=0)
+    # State reports observed further in the future than this are refused.
+    max_clock_skew: float = Field(60.0, ge=0)
+
+    # Agent events kept for watch resumption; older ones are compacted away.
+    event_history_limit: int = Field(100_000, ge=100)
+    compaction_interval: float = Field(10.0, gt=0)
+    # Events a watcher may fall behind by before it is dropped.
+    watch_buffer: int = Field(1024, ge=1)
+
+    max_message_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    shutdown_grace: float = Field(5.0, ge=0)
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Builds settings from env plus explicit overrides, as one clear error if invalid."""
+    clean = {k: v for k, v in overrides.items() if v is not None}
+    try:
+        return Settings(**clean)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
+        )
+        raise ConfigurationError(f"invalid configuration: {problems}") from None

@@ -1,0 +1,76 @@
+"""Agent <-> storable values: times as integer microseconds since the epoch (UTC),
+structured fields as compact JSON."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from typing import Any
+
+from opscore.models import Agent, AgentState
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def to_micros(value: datetime) -> int:
+    delta = value - _EPOCH
+    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+
+
+def from_micros(value: int) -> datetime:
+    return datetime.fromtimestamp(value // 1_000_000, UTC).replace(microsecond=value % 1_000_000)
+
+
+def dumps(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), sort_keys=True)
+
+
+AGENT_COLUMNS = (
+    "agent_id, name, version, capabilities, contact_endpoint, metadata, state, state_details, "
+    "registered_at, state_updated_at, last_heartbeat_at, state_observed_at, revision"
+)
+
+
+def agent_to_row(agent: Agent) -> tuple[Any, ...]:
+    return (
+        agent.agent_id,
+        agent.name,
+        agent.version,
+        dumps(list(agent.capabilities)),
+        agent.contact_endpoint,
+        dumps(agent.metadata),
+        int(agent.state),
+        dumps(agent.state_details),
+        to_micros(agent.registered_at),
+        to_micros(agent.state_updated_at),
+        to_micros(agent.last_heartbeat_at),
+        None if agent.state_observed_at is None else to_micros(agent.state_observed_at),
+        agent.revision,
+    )
+
+
+def agent_from_row(row: tuple[Any, ...]) -> Agent:
+    return Agent(
+        agent_id=row[0],
+        name=row[1],
+        version=row[2],
+        capabilities=tuple(json.loads(row[3])),
+        contact_endpoint=row[4],
+        metadata=json.loads(row[5]),
+        state=AgentState(row[6]),
+        state_details=json.loads(row[7]),
+        registered_at=from_micros(row[8]),
+        state_updated_at=from_micros(row[9]),
+        last_heartbeat_at=from_micros(row[10]),
+        state_observed_at=None if row[11] is None else from_micros(row[11]),
+        revision=row[12],
+    )
+
+
+def agent_to_json(agent: Agent) -> str:
+    """An event's snapshot: the row as a JSON array."""
+    return json.dumps(agent_to_row(agent), separators=(",", ":"))
+
+
+def agent_from_json(text: str) -> Agent:
+    return agent_from_row(tuple(json.loads(text)))
