@@ -36,6 +36,11 @@ class Settings(BaseSettings):
     # Events a watcher may fall behind by before it is dropped.
     watch_buffer: int = Field(1024, ge=1)
 
+    # Finished sessions and their history are kept this long (seconds; default 7 days).
+    session_retention: float = Field(7 * 24 * 3600.0, gt=0)
+    # How often leases are checked and due retries woken.
+    scheduler_interval: float = Field(0.5, gt=0)
+
     max_message_bytes: int = Field(4 * 1024 * 1024, ge=1024)
     shutdown_grace: float = Field(5.0, ge=0)
 

@@ -47,7 +47,9 @@ class Lifecycle:
         self._clock = clock
         self._settings = settings
         self._hub: Hub[AgentEvent] = Hub()
-        store.add_commit_listener(self._hub.publish)
+        store.add_commit_listener(
+            lambda events: self._hub.publish(e for e in events if isinstance(e, AgentEvent))
+        )
 
     @property
     def liveness_timeout(self) -> float:
@@ -189,6 +191,24 @@ class Lifecycle:
                     last_heartbeat_at=now,
                 )
                 return AgentChange(revived, AgentEventType.STATE_CHANGED, now)
+            return AgentChange(current.evolve(last_heartbeat_at=now), None, now)
+
+        agent, _ = await self._store.change_agent(agent_id, decide)
+        return agent
+
+    async def ready_for_work(self, agent_id: str) -> Agent:
+        """An agent opening its task stream is live, and ready if it was INITIALIZING
+        or OFFLINE (it becomes IDLE)."""
+        now = self._clock.now()
+
+        def decide(current: Agent | None) -> AgentChange:
+            if current is None:
+                raise AgentNotFoundError(agent_id)
+            if current.state in (AgentState.INITIALIZING, AgentState.OFFLINE):
+                ready = current.evolve(
+                    state=AgentState.IDLE, state_updated_at=now, last_heartbeat_at=now
+                )
+                return AgentChange(ready, AgentEventType.STATE_CHANGED, now)
             return AgentChange(current.evolve(last_heartbeat_at=now), None, now)
 
         agent, _ = await self._store.change_agent(agent_id, decide)

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import enum
+import re
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any, Generic, TypeVar
 
 JsonObject = dict[str, Any]
+
+# Ids chosen by callers (agents, workflows, tasks).
+ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]*")
+MAX_ID_LENGTH = 128
 T = TypeVar("T")
 
 

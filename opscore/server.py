@@ -10,20 +10,29 @@ import signal
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from opspawn.opscore.v1 import lifecycle_pb2, lifecycle_pb2_grpc, session_pb2, workflow_pb2
+from opspawn.opscore.v1 import (
+    lifecycle_pb2,
+    lifecycle_pb2_grpc,
+    session_pb2,
+    session_pb2_grpc,
+    workflow_pb2,
+    workflow_pb2_grpc,
+)
 
 from opscore.api.lifecycle import LifecycleServicer
+from opscore.api.session import SessionServicer
 from opscore.api.status import ErrorMappingInterceptor
+from opscore.api.workflow import WorkflowServicer
 from opscore.clock import Clock, SystemClock
 from opscore.config import Settings
 from opscore.errors import ConfigurationError
 from opscore.lifecycle import Lifecycle
+from opscore.sessions import SessionTracker
 from opscore.store.sqlite import SqliteStore
+from opscore.workflow import WorkflowEngine
 
 log = logging.getLogger(__name__)
 
-# Workflow and session services are designed in the contract but not built yet: they
-# are listed by reflection and answer UNIMPLEMENTED.
 SERVICE_NAMES = [
     lifecycle_pb2.DESCRIPTOR.services_by_name["LifecycleService"].full_name,
     workflow_pb2.DESCRIPTOR.services_by_name["WorkflowService"].full_name,
@@ -43,6 +52,8 @@ class OpsCoreServer:
             max_batch=settings.max_batch,
         )
         self._lifecycle = Lifecycle(self._store, self.clock, settings)
+        self._engine = WorkflowEngine(self._store, self.clock, settings, self._lifecycle)
+        self._sessions = SessionTracker(self._store, self.clock, settings)
         self._health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         self._server: grpc.aio.Server | None = None
         self._background: list[asyncio.Task[None]] = []
@@ -53,6 +64,7 @@ class OpsCoreServer:
 
     async def start(self) -> None:
         await self._store.open()
+        await self._engine.start()
         limit = self.settings.max_message_bytes
         server = grpc.aio.server(
             interceptors=[ErrorMappingInterceptor()],
@@ -68,6 +80,12 @@ class OpsCoreServer:
         )
         lifecycle_pb2_grpc.add_LifecycleServiceServicer_to_server(
             LifecycleServicer(self._lifecycle), server
+        )
+        workflow_pb2_grpc.add_WorkflowServiceServicer_to_server(
+            WorkflowServicer(self._engine), server
+        )
+        session_pb2_grpc.add_SessionServiceServicer_to_server(
+            SessionServicer(self._sessions, self._engine), server
         )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
@@ -91,6 +109,9 @@ class OpsCoreServer:
         self._background = [
             asyncio.create_task(self._lifecycle.run_liveness_checks(), name="liveness"),
             asyncio.create_task(self._lifecycle.run_compaction(), name="compaction"),
+            asyncio.create_task(self._engine.run_scheduler(), name="scheduler"),
+            asyncio.create_task(self._sessions.run_retention(), name="session-retention"),
+            asyncio.create_task(self._engine.dispatcher.run(), name="dispatcher"),
         ]
         log.info(
             "serving",
@@ -104,6 +125,8 @@ class OpsCoreServer:
             return
         await self._health.enter_graceful_shutdown()
         self._lifecycle.close()
+        self._sessions.close()
+        await self._engine.dispatcher.close()
         await self._server.stop(self.settings.shutdown_grace if grace is None else grace)
         self._server = None
         for task in self._background:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any
@@ -11,9 +10,8 @@ from google.protobuf import json_format, struct_pb2, timestamp_pb2
 from google.protobuf.message import Message
 
 from opscore.errors import FieldViolation, InvalidArgumentError
+from opscore.models import ID_PATTERN, MAX_ID_LENGTH
 
-ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]*")
-MAX_ID_LENGTH = 128
 MAX_STRUCT_BYTES = 16 * 1024
 
 

@@ -5,13 +5,18 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from datetime import datetime
+from typing import Any, TypeVar
 
+from opscore.definitions import WorkflowDefinition
 from opscore.models import Agent, AgentChange, AgentEvent, AgentFilter
+from opscore.runs import Assignment, Offer, Run, RunFilter, SessionEvent, TaskKey
 
 # Runs inside the store's write transaction: sees the current row (or None) and
 # decides the change. Raising an OpsCoreError rolls back only this change.
 AgentDecision = Callable[[Agent | None], AgentChange]
-CommitListener = Callable[[list[AgentEvent]], None]
+# Hears every committed event (AgentEvent and SessionEvent), in commit order.
+CommitListener = Callable[[list[Any]], None]
+R = TypeVar("R")
 
 
 class Store(ABC):
@@ -25,7 +30,7 @@ class Store(ABC):
     def add_commit_listener(self, listener: CommitListener) -> None:
         self._listeners.append(listener)
 
-    def _announce(self, events: list[AgentEvent]) -> None:
+    def _announce(self, events: list[Any]) -> None:
         if events:
             for listener in self._listeners:
                 listener(events)
@@ -71,3 +76,73 @@ class Store(ABC):
 
     @abstractmethod
     async def current_revision(self) -> int: ...
+
+    # -- workflow definitions ----------------------------------------------------
+
+    @abstractmethod
+    async def create_definition(self, definition: WorkflowDefinition) -> WorkflowDefinition:
+        """Stores a new id + version; WorkflowDefinitionError if it is taken."""
+
+    @abstractmethod
+    async def get_definition(self, definition_id: str, version: str) -> WorkflowDefinition | None:
+        """One version, or the newest one when `version` is empty."""
+
+    @abstractmethod
+    async def list_definitions(
+        self, after: tuple[str, str], limit: int
+    ) -> list[WorkflowDefinition]:
+        """Ordered by (id, version), starting after the given pair."""
+
+    @abstractmethod
+    async def delete_definition(self, definition_id: str, version: str) -> bool: ...
+
+    # -- runs --------------------------------------------------------------------
+
+    @abstractmethod
+    async def create_run(self, run: Run) -> tuple[Run, bool]:
+        """Stores a new run; if its request_id was used before, returns the stored
+        run of that request instead and False."""
+
+    @abstractmethod
+    async def change_run(self, session_id: str, change: Callable[[Run], R]) -> tuple[R, Run]:
+        """Loads the run, applies `change` and writes back what it changed, atomically;
+        SessionNotFoundError if there is no such run."""
+
+    @abstractmethod
+    async def get_run(self, session_id: str) -> Run | None: ...
+
+    @abstractmethod
+    async def claim_tasks(
+        self,
+        offers: list[Offer],
+        now: datetime,
+        dispatch: Callable[[Run, str, str], Assignment],
+    ) -> tuple[list[tuple[int, Assignment]], list[Run]]:
+        """Matches ready tasks (oldest first) to the offers' capabilities, pins and
+        free slots, applying `dispatch(run, task_id, agent_id)` to each in one
+        transaction; returns (offer index, assignment) pairs and the changed runs."""
+
+    @abstractmethod
+    async def expired_leases(self, now: datetime) -> list[TaskKey]: ...
+
+    @abstractmethod
+    async def leased_tasks(self, agent_id: str | None = None) -> list[TaskKey]:
+        """Attempts currently leased (to one agent, or to anyone)."""
+
+    @abstractmethod
+    async def list_runs(self, flt: RunFilter, before_seq: int, limit: int) -> list[tuple[int, Run]]:
+        """Runs matching `flt`, newest first, created before `before_seq` (0: from the
+        newest); each with its creation sequence, the stable paging cursor."""
+
+    @abstractmethod
+    async def prune_runs(self, ended_before: datetime) -> int:
+        """Deletes finished runs that ended before the cutoff, with their history."""
+
+    @abstractmethod
+    async def list_session_events(
+        self, session_id: str, after_sequence: int, limit: int
+    ) -> list[SessionEvent]: ...
+
+    @abstractmethod
+    async def secret(self, name: str) -> bytes:
+        """A random key created on first use and kept across restarts."""

@@ -3,10 +3,12 @@ structured fields as compact JSON."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from datetime import UTC, datetime
 from typing import Any
 
+from opscore.definitions import RetryPolicy, TaskDefinition, WorkflowDefinition
 from opscore.models import Agent, AgentState
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -74,3 +76,50 @@ def agent_to_json(agent: Agent) -> str:
 
 def agent_from_json(text: str) -> Agent:
     return agent_from_row(tuple(json.loads(text)))
+
+
+# -- workflow definitions and runs -------------------------------------------------
+
+
+def definition_to_dict(defn: WorkflowDefinition) -> dict[str, Any]:
+    body = dataclasses.asdict(defn)
+    body["created_at"] = None if defn.created_at is None else to_micros(defn.created_at)
+    return body
+
+
+def definition_from_dict(body: dict[str, Any]) -> WorkflowDefinition:
+    tasks = tuple(
+        TaskDefinition(
+            **{
+                **t,
+                "depends_on": tuple(t["depends_on"]),
+                "retry_policy": RetryPolicy(**t["retry_policy"]),
+            }
+        )
+        for t in body["tasks"]
+    )
+    created = body.get("created_at")
+    return WorkflowDefinition(
+        id=body["id"],
+        name=body["name"],
+        description=body["description"],
+        version=body["version"],
+        tasks=tasks,
+        created_at=None if created is None else from_micros(created),
+    )
+
+
+def optional_micros(value: datetime | None) -> int | None:
+    return None if value is None else to_micros(value)
+
+
+def optional_time(value: int | None) -> datetime | None:
+    return None if value is None else from_micros(value)
+
+
+def optional_json(value: Any) -> str | None:
+    return None if value is None else dumps(value)
+
+
+def optional_loads(text: str | None) -> Any:
+    return None if text is None else json.loads(text)

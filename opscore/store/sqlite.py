@@ -11,7 +11,9 @@ writer works.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import os
 import sqlite3
 import threading
 from collections.abc import Callable, Sequence
@@ -21,8 +23,16 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from opscore.errors import OpsCoreError, StorageError
+from opscore.definitions import WorkflowDefinition
+from opscore.errors import (
+    OpsCoreError,
+    SessionNotFoundError,
+    StorageError,
+    WorkflowDefinitionError,
+)
 from opscore.models import Agent, AgentEvent, AgentEventType, AgentFilter, AgentState
+from opscore.runs import Assignment, Offer, Run, RunFilter, SessionEvent, TaskKey
+from opscore.store import sqlite_runs as runs_sql
 from opscore.store.base import AgentDecision, Store
 from opscore.store.codec import (
     AGENT_COLUMNS,
@@ -30,6 +40,9 @@ from opscore.store.codec import (
     agent_from_row,
     agent_to_json,
     agent_to_row,
+    definition_from_dict,
+    definition_to_dict,
+    dumps,
     from_micros,
     to_micros,
 )
@@ -40,14 +53,14 @@ log = logging.getLogger(__name__)
 R = TypeVar("R")
 # A write job: runs on the writer thread inside the batch transaction, appending the
 # events it creates to the list it is given.
-WriteFn = Callable[[sqlite3.Connection, list[AgentEvent]], R]
+WriteFn = Callable[[sqlite3.Connection, list[Any]], R]
 
 
 @dataclass
 class _Job:
     fn: WriteFn[Any]
     future: asyncio.Future[Any]
-    events: list[AgentEvent] = field(default_factory=list)
+    events: list[Any] = field(default_factory=list)
     outcome: tuple[bool, Any] = (False, None)
 
 
@@ -243,9 +256,7 @@ class SqliteStore(Store):
     async def change_agent(
         self, agent_id: str, decide: AgentDecision
     ) -> tuple[Agent, AgentEvent | None]:
-        def job(
-            conn: sqlite3.Connection, events: list[AgentEvent]
-        ) -> tuple[Agent, AgentEvent | None]:
+        def job(conn: sqlite3.Connection, events: list[Any]) -> tuple[Agent, AgentEvent | None]:
             row = conn.execute(
                 f"SELECT {AGENT_COLUMNS} FROM agents WHERE agent_id = ?", (agent_id,)
             ).fetchone()
@@ -358,7 +369,7 @@ class SqliteStore(Store):
         return await self._read(read)
 
     async def compact_agent_events(self, keep: int) -> int:
-        def job(conn: sqlite3.Connection, _events: list[AgentEvent]) -> int:
+        def job(conn: sqlite3.Connection, _events: list[Any]) -> int:
             compacted = int(
                 conn.execute("SELECT value FROM meta WHERE key = 'compacted_revision'").fetchone()[
                     0
@@ -377,3 +388,233 @@ class SqliteStore(Store):
 
     async def current_revision(self) -> int:
         return self._committed_revision
+
+    # -- workflow definitions ------------------------------------------------------
+
+    async def create_definition(self, definition: WorkflowDefinition) -> WorkflowDefinition:
+        def job(conn: sqlite3.Connection, _events: list[Any]) -> WorkflowDefinition:
+            try:
+                conn.execute(
+                    "INSERT INTO workflow_definitions (id, version, seq, body) VALUES "
+                    "(?, ?, (SELECT COALESCE(MAX(seq), 0) + 1 FROM workflow_definitions), ?)",
+                    (definition.id, definition.version, dumps(definition_to_dict(definition))),
+                )
+            except sqlite3.IntegrityError:
+                raise WorkflowDefinitionError(
+                    f"workflow definition {definition.id!r} version {definition.version!r} "
+                    "already exists; use a new version",
+                    workflow_definition_id=definition.id,
+                ) from None
+            return definition
+
+        return await self._write(job)
+
+    async def get_definition(self, definition_id: str, version: str) -> WorkflowDefinition | None:
+        def read(conn: sqlite3.Connection) -> WorkflowDefinition | None:
+            if version:
+                row = conn.execute(
+                    "SELECT body FROM workflow_definitions WHERE id = ? AND version = ?",
+                    (definition_id, version),
+                ).fetchone()
+            else:
+                row = conn.execute(
+                    "SELECT body FROM workflow_definitions WHERE id = ? ORDER BY seq DESC LIMIT 1",
+                    (definition_id,),
+                ).fetchone()
+            return None if row is None else definition_from_dict(json.loads(row[0]))
+
+        return await self._read(read)
+
+    async def list_definitions(
+        self, after: tuple[str, str], limit: int
+    ) -> list[WorkflowDefinition]:
+        def read(conn: sqlite3.Connection) -> list[WorkflowDefinition]:
+            rows = conn.execute(
+                "SELECT body FROM workflow_definitions WHERE (id, version) > (?, ?) "
+                "ORDER BY id, version LIMIT ?",
+                (*after, limit),
+            ).fetchall()
+            return [definition_from_dict(json.loads(r[0])) for r in rows]
+
+        return await self._read(read)
+
+    async def delete_definition(self, definition_id: str, version: str) -> bool:
+        def job(conn: sqlite3.Connection, _events: list[Any]) -> bool:
+            cursor = conn.execute(
+                "DELETE FROM workflow_definitions WHERE id = ? AND version = ?",
+                (definition_id, version),
+            )
+            return cursor.rowcount > 0
+
+        return await self._write(job)
+
+    # -- runs ----------------------------------------------------------------------
+
+    async def create_run(self, run: Run) -> tuple[Run, bool]:
+        def job(conn: sqlite3.Connection, events: list[Any]) -> tuple[Run, bool]:
+            if run.request_id:
+                row = conn.execute(
+                    f"SELECT {runs_sql.SESSION_COLUMNS} FROM sessions WHERE request_id = ?",
+                    (run.request_id,),
+                ).fetchone()
+                if row is not None:
+                    return runs_sql.run_from_rows(conn, row), False
+            runs_sql.insert_run(conn, run)
+            events.extend(run.new_events)
+            return run, True
+
+        return await self._write(job)
+
+    async def change_run(self, session_id: str, change: Callable[[Run], R]) -> tuple[R, Run]:
+        def job(conn: sqlite3.Connection, events: list[Any]) -> tuple[R, Run]:
+            run = runs_sql.load_run(conn, session_id)
+            if run is None:
+                raise SessionNotFoundError(session_id)
+            result = change(run)
+            runs_sql.save_run(conn, run)
+            events.extend(run.new_events)
+            return result, run
+
+        return await self._write(job)
+
+    async def get_run(self, session_id: str) -> Run | None:
+        return await self._read(lambda conn: runs_sql.load_run(conn, session_id))
+
+    async def claim_tasks(
+        self,
+        offers: list[Offer],
+        now: datetime,
+        dispatch: Callable[[Run, str, str], Assignment],
+    ) -> tuple[list[tuple[int, Assignment]], list[Run]]:
+        capabilities = sorted({c for o in offers for c in o.capabilities})
+        total = sum(o.slots for o in offers)
+
+        def job(
+            conn: sqlite3.Connection, events: list[Any]
+        ) -> tuple[list[tuple[int, Assignment]], list[Run]]:
+            rows = conn.execute(
+                "SELECT session_id, task_id, capability, pinned_agent FROM tasks "
+                "WHERE ready_at IS NOT NULL AND ready_at <= ? "
+                f"AND capability IN ({', '.join('?' * len(capabilities))}) "
+                "ORDER BY ready_at, rowid LIMIT ?",
+                (to_micros(now), *capabilities, total * 4 + 16),
+            ).fetchall()
+            slots = [o.slots for o in offers]
+            runs: dict[str, Run] = {}
+            claimed: list[tuple[int, Assignment]] = []
+            for session_id, task_id, capability, pinned in rows:
+                chosen = next(
+                    (
+                        i
+                        for i, o in enumerate(offers)
+                        if slots[i] > 0
+                        and capability in o.capabilities
+                        and pinned in ("", o.agent_id)
+                    ),
+                    None,
+                )
+                if chosen is None:
+                    continue
+                run = runs.get(session_id) or runs_sql.load_run(conn, session_id)
+                assert run is not None
+                runs[session_id] = run
+                claimed.append((chosen, dispatch(run, task_id, offers[chosen].agent_id)))
+                slots[chosen] -= 1
+                if not any(slots):
+                    break
+            for run in runs.values():
+                runs_sql.save_run(conn, run)
+                events.extend(run.new_events)
+            return claimed, list(runs.values())
+
+        if not capabilities or total <= 0:
+            return [], []
+        return await self._write(job)
+
+    async def expired_leases(self, now: datetime) -> list[TaskKey]:
+        def read(conn: sqlite3.Connection) -> list[TaskKey]:
+            rows = conn.execute(
+                "SELECT session_id, task_id, attempt FROM tasks "
+                "WHERE lease_expires_at IS NOT NULL AND lease_expires_at <= ?",
+                (to_micros(now),),
+            ).fetchall()
+            return [TaskKey(*r) for r in rows]
+
+        return await self._read(read)
+
+    async def leased_tasks(self, agent_id: str | None = None) -> list[TaskKey]:
+        def read(conn: sqlite3.Connection) -> list[TaskKey]:
+            sql = (
+                "SELECT session_id, task_id, attempt FROM tasks WHERE lease_expires_at IS NOT NULL"
+            )
+            params: tuple[Any, ...] = ()
+            if agent_id is not None:
+                sql += " AND agent_id = ?"
+                params = (agent_id,)
+            return [TaskKey(*r) for r in conn.execute(sql, params).fetchall()]
+
+        return await self._read(read)
+
+    async def list_session_events(
+        self, session_id: str, after_sequence: int, limit: int
+    ) -> list[SessionEvent]:
+        def read(conn: sqlite3.Connection) -> list[SessionEvent]:
+            rows = conn.execute(
+                f"SELECT {runs_sql.EVENT_COLUMNS} FROM session_events "
+                "WHERE session_id = ? AND sequence > ? ORDER BY sequence LIMIT ?",
+                (session_id, after_sequence, limit),
+            ).fetchall()
+            return [runs_sql.event_from_row(r) for r in rows]
+
+        return await self._read(read)
+
+    async def secret(self, name: str) -> bytes:
+        def job(conn: sqlite3.Connection, _events: list[Any]) -> bytes:
+            row = conn.execute("SELECT value FROM secrets WHERE name = ?", (name,)).fetchone()
+            if row is not None:
+                return bytes(row[0])
+            value = os.urandom(32)
+            conn.execute("INSERT INTO secrets (name, value) VALUES (?, ?)", (name, value))
+            return value
+
+        return await self._write(job)
+
+    async def list_runs(self, flt: RunFilter, before_seq: int, limit: int) -> list[tuple[int, Run]]:
+        clauses: list[str] = ["seq < ?"]
+        params: list[Any] = [before_seq or 2**62]
+        if flt.statuses:
+            clauses.append(f"status IN ({', '.join('?' * len(flt.statuses))})")
+            params.extend(int(s) for s in sorted(flt.statuses))
+        if flt.workflow_definition_id:
+            clauses.append("definition_id = ?")
+            params.append(flt.workflow_definition_id)
+        if flt.agent_id:
+            clauses.append("agent_id = ?")
+            params.append(flt.agent_id)
+
+        def read(conn: sqlite3.Connection) -> list[tuple[int, Run]]:
+            rows = conn.execute(
+                f"SELECT seq, {runs_sql.SESSION_COLUMNS} FROM sessions "
+                f"WHERE {' AND '.join(clauses)} ORDER BY seq DESC LIMIT ?",
+                (*params, limit),
+            ).fetchall()
+            return [(row[0], runs_sql.run_from_rows(conn, row[1:])) for row in rows]
+
+        return await self._read(read)
+
+    async def prune_runs(self, ended_before: datetime) -> int:
+        def job(conn: sqlite3.Connection, _events: list[Any]) -> int:
+            doomed = [
+                r[0]
+                for r in conn.execute(
+                    "SELECT session_id FROM sessions WHERE ended_at IS NOT NULL AND ended_at < ?",
+                    (to_micros(ended_before),),
+                )
+            ]
+            for table in ("session_events", "tasks", "sessions"):
+                conn.executemany(
+                    f"DELETE FROM {table} WHERE session_id = ?", [(s,) for s in doomed]
+                )
+            return len(doomed)
+
+        return await self._write(job)

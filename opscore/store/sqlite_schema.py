@@ -34,4 +34,71 @@ MIGRATIONS: list[str] = [
         occurred_at INTEGER NOT NULL
     );
     """,
+    # 2: workflow definitions, runs (sessions), their tasks and history.
+    """
+    CREATE TABLE secrets (
+        name TEXT PRIMARY KEY,
+        value BLOB NOT NULL
+    );
+
+    CREATE TABLE workflow_definitions (
+        id TEXT NOT NULL,
+        version TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        body TEXT NOT NULL,
+        PRIMARY KEY (id, version)
+    );
+
+    CREATE TABLE sessions (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        session_id TEXT NOT NULL UNIQUE,
+        definition_id TEXT NOT NULL,
+        definition_version TEXT NOT NULL,
+        definition TEXT NOT NULL,
+        agent_id TEXT NOT NULL,
+        status INTEGER NOT NULL,
+        input TEXT NOT NULL,
+        output TEXT,
+        error TEXT NOT NULL,
+        request_id TEXT UNIQUE,
+        created_at INTEGER NOT NULL,
+        updated_at INTEGER NOT NULL,
+        ended_at INTEGER,
+        last_sequence INTEGER NOT NULL
+    );
+    CREATE INDEX sessions_by_end ON sessions (ended_at) WHERE ended_at IS NOT NULL;
+
+    CREATE TABLE tasks (
+        session_id TEXT NOT NULL,
+        task_id TEXT NOT NULL,
+        position INTEGER NOT NULL,
+        capability TEXT NOT NULL,
+        pinned_agent TEXT NOT NULL,
+        status INTEGER NOT NULL,
+        attempt INTEGER NOT NULL,
+        failures INTEGER NOT NULL,
+        agent_id TEXT NOT NULL,
+        output TEXT,
+        error TEXT NOT NULL,
+        ended_by TEXT NOT NULL,
+        ready_at INTEGER,
+        lease_expires_at INTEGER,
+        updated_at INTEGER NOT NULL,
+        PRIMARY KEY (session_id, task_id)
+    );
+    CREATE INDEX tasks_ready ON tasks (ready_at) WHERE ready_at IS NOT NULL;
+    CREATE INDEX tasks_leased ON tasks (lease_expires_at) WHERE lease_expires_at IS NOT NULL;
+
+    CREATE TABLE session_events (
+        session_id TEXT NOT NULL,
+        sequence INTEGER NOT NULL,
+        type INTEGER NOT NULL,
+        task_id TEXT NOT NULL,
+        attempt INTEGER NOT NULL,
+        agent_id TEXT NOT NULL,
+        detail TEXT NOT NULL,
+        occurred_at INTEGER NOT NULL,
+        PRIMARY KEY (session_id, sequence)
+    );
+    """,
 ]

@@ -1,0 +1,146 @@
+"""WorkflowService servicer: definitions, starting runs, and the dispatch channel."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+from opspawn.opscore.v1 import session_pb2, workflow_pb2, workflow_pb2_grpc
+
+from opscore.api import workflow_convert as convert
+from opscore.api.fields import Violations, require_id, struct_to_dict
+from opscore.workflow import WorkflowEngine
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+MAX_IN_FLIGHT = 1000
+MAX_INPUT_BYTES = 256 * 1024
+MAX_ERROR_MESSAGE = 8192
+
+
+class WorkflowServicer(workflow_pb2_grpc.WorkflowServiceServicer):
+    def __init__(self, engine: WorkflowEngine) -> None:
+        self._engine = engine
+
+    async def CreateWorkflowDefinition(
+        self, request: workflow_pb2.CreateWorkflowDefinitionRequest, context: Context
+    ) -> workflow_pb2.WorkflowDefinition:
+        v = Violations()
+        if not request.HasField("definition"):
+            v.add("definition", "is required")
+        v.raise_if_any()
+        created = await self._engine.create_definition(
+            convert.definition_from_proto(request.definition)
+        )
+        return convert.definition_to_proto(created)
+
+    async def GetWorkflowDefinition(
+        self, request: workflow_pb2.GetWorkflowDefinitionRequest, context: Context
+    ) -> workflow_pb2.WorkflowDefinition:
+        require_id("id", request.id)
+        _check_version(request.version, required=False)
+        found = await self._engine.get_definition(request.id, request.version)
+        return convert.definition_to_proto(found)
+
+    async def ListWorkflowDefinitions(
+        self, request: workflow_pb2.ListWorkflowDefinitionsRequest, context: Context
+    ) -> workflow_pb2.ListWorkflowDefinitionsResponse:
+        page = await self._engine.list_definitions(request.page_size, request.page_token)
+        return workflow_pb2.ListWorkflowDefinitionsResponse(
+            definitions=[convert.definition_to_proto(d) for d in page.items],
+            next_page_token=page.next_page_token,
+        )
+
+    async def DeleteWorkflowDefinition(
+        self, request: workflow_pb2.DeleteWorkflowDefinitionRequest, context: Context
+    ) -> workflow_pb2.DeleteWorkflowDefinitionResponse:
+        require_id("id", request.id)
+        _check_version(request.version, required=True)
+        await self._engine.delete_definition(request.id, request.version)
+        return workflow_pb2.DeleteWorkflowDefinitionResponse()
+
+    async def StartWorkflow(
+        self, request: workflow_pb2.StartWorkflowRequest, context: Context
+    ) -> session_pb2.Session:
+        v = Violations()
+        source = request.WhichOneof("definition_source")
+        if source is None:
+            v.add("workflow_definition_id", "give workflow_definition_id or definition")
+        elif source == "workflow_definition_id":
+            v.identifier("workflow_definition_id", request.workflow_definition_id)
+        v.text("workflow_definition_version", request.workflow_definition_version, max_len=64)
+        v.identifier("agent_id", request.agent_id, required=False)
+        v.text("request_id", request.request_id, max_len=256)
+        if request.input.ByteSize() > MAX_INPUT_BYTES:
+            v.add("input", f"must be at most {MAX_INPUT_BYTES} bytes serialized")
+        v.raise_if_any()
+        definition = (
+            convert.definition_from_proto(request.definition)
+            if source == "definition"
+            else (request.workflow_definition_id, request.workflow_definition_version)
+        )
+        run = await self._engine.start_workflow(
+            definition, struct_to_dict(request.input), request.agent_id, request.request_id
+        )
+        return convert.session_to_proto(run)
+
+    async def StreamTasks(
+        self, request: workflow_pb2.StreamTasksRequest, context: Context
+    ) -> AsyncIterator[workflow_pb2.TaskAssignment]:
+        v = Violations()
+        v.identifier("agent_id", request.agent_id)
+        if not 0 <= request.max_in_flight <= MAX_IN_FLIGHT:
+            v.add("max_in_flight", f"must be between 1 and {MAX_IN_FLIGHT} (0: 1)")
+        v.raise_if_any()
+        dispatcher = self._engine.dispatcher
+        stream = await dispatcher.connect(request.agent_id, request.max_in_flight or 1)
+        try:
+            while True:
+                assignment = await stream.next()
+                yield convert.assignment_to_proto(
+                    assignment, self._engine.issue_token(assignment.key)
+                )
+        finally:
+            dispatcher.disconnect(stream)
+
+    async def CompleteTask(
+        self, request: workflow_pb2.CompleteTaskRequest, context: Context
+    ) -> workflow_pb2.CompleteTaskResponse:
+        v = Violations()
+        v.text("task_token", request.task_token, max_len=1024, required=True)
+        if request.output.ByteSize() > MAX_INPUT_BYTES:
+            v.add("output", f"must be at most {MAX_INPUT_BYTES} bytes serialized")
+        v.raise_if_any()
+        await self._engine.complete_task(request.task_token, struct_to_dict(request.output))
+        return workflow_pb2.CompleteTaskResponse()
+
+    async def FailTask(
+        self, request: workflow_pb2.FailTaskRequest, context: Context
+    ) -> workflow_pb2.FailTaskResponse:
+        v = Violations()
+        v.text("task_token", request.task_token, max_len=1024, required=True)
+        v.text("error_message", request.error_message, max_len=MAX_ERROR_MESSAGE)
+        v.raise_if_any()
+        await self._engine.fail_task(
+            request.task_token, request.error_message or "failed", request.retryable
+        )
+        return workflow_pb2.FailTaskResponse()
+
+    async def HeartbeatTask(
+        self, request: workflow_pb2.HeartbeatTaskRequest, context: Context
+    ) -> workflow_pb2.HeartbeatTaskResponse:
+        v = Violations()
+        v.text("task_token", request.task_token, max_len=1024, required=True)
+        v.raise_if_any()
+        cancel, deadline = await self._engine.heartbeat_task(request.task_token)
+        response = workflow_pb2.HeartbeatTaskResponse(cancel_requested=cancel)
+        if deadline is not None:
+            response.deadline.FromDatetime(deadline)
+        return response
+
+
+def _check_version(version: str, *, required: bool) -> None:
+    v = Violations()
+    v.text("version", version, max_len=64, required=required)
+    v.raise_if_any()

@@ -1,0 +1,194 @@
+"""Live dispatch: connected agents' task streams, their free slots, and the loop that
+fills those slots from the durable queue.
+
+Nothing here polls: the loop sleeps until woken by new ready work, a freed slot, a
+new stream or an agent state change (plus the scheduler's periodic wake for retries
+whose backoff has passed). The queue itself lives in the store; this module only
+holds what a restart forgets anyway (open streams), so a crash loses nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any, Protocol
+
+from opscore.errors import AgentNotFoundError, OpsCoreError, ShuttingDownError
+from opscore.models import Agent, AgentEvent, AgentEventType, AgentState
+from opscore.runs import Assignment, Offer, TaskKey
+
+log = logging.getLogger(__name__)
+
+# Agents in these states receive work (BUSY ones only into free max_in_flight slots).
+DISPATCHABLE = frozenset({AgentState.IDLE, AgentState.BUSY})
+
+
+class TaskStream:
+    """One open StreamTasks call: an outbox of assignments and its in-flight set."""
+
+    def __init__(self, agent_id: str, max_in_flight: int) -> None:
+        self.agent_id = agent_id
+        self.max_in_flight = max_in_flight
+        self.in_flight: set[TaskKey] = set()
+        self._outbox: deque[Assignment] = deque()
+        self._ready = asyncio.Event()
+        self.closed: OpsCoreError | None = None
+
+    def free_slots(self) -> int:
+        return self.max_in_flight - len(self.in_flight)
+
+    def push(self, assignment: Assignment) -> None:
+        self._outbox.append(assignment)
+        self._ready.set()
+
+    def close(self, reason: OpsCoreError) -> None:
+        self.closed = reason
+        self._ready.set()
+
+    async def next(self) -> Assignment:
+        while not self._outbox:
+            if self.closed is not None:
+                raise self.closed
+            self._ready.clear()
+            await self._ready.wait()
+        return self._outbox.popleft()
+
+
+class Queue(Protocol):
+    """What the dispatcher needs of the workflow engine."""
+
+    async def claim(self, offers: list[Offer]) -> list[tuple[int, Assignment]]: ...
+
+    async def requeue(self, keys: Iterable[TaskKey], reason: str, lost: bool) -> None: ...
+
+    async def requeue_agent(self, agent_id: str, reason: str) -> None: ...
+
+
+class Dispatcher:
+    def __init__(self, queue: Queue, ready_for_work: Callable[[str], Awaitable[Agent]]) -> None:
+        self._queue = queue
+        self._ready_for_work = ready_for_work
+        self._streams: dict[str, list[TaskStream]] = {}
+        self._agents: dict[str, Agent] = {}
+        self._holders: dict[TaskKey, TaskStream] = {}
+        self._wake = asyncio.Event()
+        self._background: set[asyncio.Task[Any]] = set()
+        self._closed = False
+
+    # -- streams -----------------------------------------------------------------
+
+    async def connect(self, agent_id: str, max_in_flight: int) -> TaskStream:
+        """Opens a task stream; an INITIALIZING or OFFLINE agent becomes IDLE."""
+        if self._closed:
+            raise ShuttingDownError("server is shutting down")
+        agent = await self._ready_for_work(agent_id)
+        stream = TaskStream(agent_id, max_in_flight)
+        self._streams.setdefault(agent_id, []).append(stream)
+        self._agents[agent_id] = agent
+        log.info("task stream opened", extra={"agent_id": agent_id, "max_in_flight": max_in_flight})
+        self.wake()
+        return stream
+
+    def disconnect(self, stream: TaskStream) -> None:
+        """Forgets the stream; what it still held goes back to the queue at once."""
+        streams = self._streams.get(stream.agent_id, [])
+        if stream in streams:
+            streams.remove(stream)
+        if not streams:
+            self._streams.pop(stream.agent_id, None)
+            self._agents.pop(stream.agent_id, None)
+        stream.close(ShuttingDownError("stream closed"))
+        held = list(stream.in_flight)
+        for key in held:
+            self._holders.pop(key, None)
+        stream.in_flight.clear()
+        log.info("task stream closed", extra={"agent_id": stream.agent_id, "requeued": len(held)})
+        if held and not self._closed:
+            self._spawn(self._queue.requeue(held, "agent disconnected", lost=True))
+
+    def release(self, keys: Iterable[TaskKey]) -> None:
+        """Frees the slots of attempts that ended (completed, failed, expired...)."""
+        for key in keys:
+            stream = self._holders.pop(key, None)
+            if stream is not None:
+                stream.in_flight.discard(key)
+                self.wake()
+
+    def on_commit(self, events: list[Any]) -> None:
+        """Follows agent state: eligibility, capabilities, and lost agents' tasks."""
+        for event in events:
+            if not isinstance(event, AgentEvent) or event.agent is None:
+                continue
+            agent_id = event.agent.agent_id
+            if event.type in (AgentEventType.DEREGISTERED, AgentEventType.OFFLINE):
+                why = "deregistered" if event.type is AgentEventType.DEREGISTERED else "offline"
+                self._spawn(self._queue.requeue_agent(agent_id, f"agent {why}"))
+            if event.type is AgentEventType.DEREGISTERED:
+                for stream in list(self._streams.get(agent_id, [])):
+                    stream.close(AgentNotFoundError(agent_id))
+            elif agent_id in self._agents:
+                self._agents[agent_id] = event.agent
+                self.wake()
+
+    # -- the loop ----------------------------------------------------------------
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            try:
+                await self._fill_free_slots()
+            except Exception:
+                log.exception("dispatch pass failed")
+
+    async def _fill_free_slots(self) -> None:
+        offers: list[Offer] = []
+        targets: list[TaskStream] = []
+        for agent_id, streams in self._streams.items():
+            agent = self._agents[agent_id]
+            if agent.state not in DISPATCHABLE:
+                continue
+            for stream in streams:
+                if stream.closed is None and stream.free_slots() > 0:
+                    offers.append(
+                        Offer(agent_id, frozenset(agent.capabilities), stream.free_slots())
+                    )
+                    targets.append(stream)
+        if not offers:
+            return
+        orphans: list[TaskKey] = []
+        for index, assignment in await self._queue.claim(offers):
+            stream = targets[index]
+            if stream.closed is not None:
+                orphans.append(assignment.key)
+                continue
+            stream.in_flight.add(assignment.key)
+            self._holders[assignment.key] = stream
+            stream.push(assignment)
+        if orphans:
+            await self._queue.requeue(orphans, "agent disconnected before delivery", lost=False)
+
+    def _spawn(self, job: Awaitable[Any]) -> None:
+        async def guarded() -> None:
+            try:
+                await job
+            except Exception:
+                log.exception("dispatch background job failed")
+
+        task = asyncio.create_task(guarded())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def close(self) -> None:
+        """Ends every task stream (server shutdown); leases are recovered at restart."""
+        self._closed = True
+        for streams in self._streams.values():
+            for stream in streams:
+                stream.close(ShuttingDownError("server is shutting down; reconnect"))
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)

@@ -1,0 +1,1 @@
+"""Store backends: one interface (base.Store), SQLite today."""

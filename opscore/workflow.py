@@ -1,0 +1,217 @@
+"""The workflow engine: definitions, starting runs, and every answer about a task
+attempt. Each change is one store transaction on the run's aggregate; afterwards the
+dispatcher is told which slots were freed and whether new work became ready."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import random
+import uuid
+from collections.abc import Callable, Iterable
+from datetime import datetime
+from typing import TypeVar
+
+from opscore import definitions, paging
+from opscore.clock import Clock
+from opscore.config import Settings
+from opscore.definitions import WorkflowDefinition
+from opscore.dispatch import Dispatcher
+from opscore.errors import (
+    InvalidArgumentError,
+    InvalidStateError,
+    SessionNotFoundError,
+    WorkflowDefinitionNotFoundError,
+)
+from opscore.lifecycle import Lifecycle
+from opscore.models import JsonObject, Page
+from opscore.runs import Assignment, Offer, Run, TaskKey
+from opscore.store.base import Store
+from opscore.tokens import TaskTokens
+
+log = logging.getLogger(__name__)
+R = TypeVar("R")
+
+
+class WorkflowEngine:
+    def __init__(
+        self, store: Store, clock: Clock, settings: Settings, lifecycle: Lifecycle
+    ) -> None:
+        self._store = store
+        self._clock = clock
+        self._settings = settings
+        self._lifecycle = lifecycle
+        self._rng = random.Random()
+        self._tokens: TaskTokens | None = None
+        self.dispatcher = Dispatcher(self, lifecycle.ready_for_work)
+        store.add_commit_listener(self.dispatcher.on_commit)
+
+    async def start(self) -> None:
+        """Loads the token key and re-queues attempts leased before a restart (their
+        streams died with the old process)."""
+        self._tokens = TaskTokens(await self._store.secret("task_tokens"))
+        leased = await self._store.leased_tasks()
+        if leased:
+            log.warning("re-queueing tasks leased before restart", extra={"count": len(leased)})
+            await self.requeue(leased, "server restarted", lost=False)
+
+    @property
+    def tokens(self) -> TaskTokens:
+        assert self._tokens is not None, "engine not started"
+        return self._tokens
+
+    # -- definitions -------------------------------------------------------------
+
+    async def create_definition(self, definition: WorkflowDefinition) -> WorkflowDefinition:
+        definitions.validate(definition)
+        stamped = dataclasses.replace(definition, created_at=self._clock.now())
+        return await self._store.create_definition(stamped)
+
+    async def get_definition(self, definition_id: str, version: str) -> WorkflowDefinition:
+        found = await self._store.get_definition(definition_id, version)
+        if found is None:
+            raise WorkflowDefinitionNotFoundError(definition_id, version)
+        return found
+
+    async def list_definitions(self, page_size: int, page_token: str) -> Page[WorkflowDefinition]:
+        size = paging.page_size(page_size)
+        cursor = paging.decode(page_token, "definitions")
+        after = tuple(cursor.split("\x00", 1)) if cursor else ("", "")
+        if len(after) != 2:
+            raise InvalidArgumentError.single("page_token", "not a token from this list")
+        found = await self._store.list_definitions((after[0], after[1]), size + 1)
+        if len(found) <= size:
+            return Page(found, "")
+        last = found[size - 1]
+        return Page(found[:size], paging.encode(f"{last.id}\x00{last.version}", "definitions"))
+
+    async def delete_definition(self, definition_id: str, version: str) -> None:
+        if not await self._store.delete_definition(definition_id, version):
+            raise WorkflowDefinitionNotFoundError(definition_id, version)
+
+    # -- runs --------------------------------------------------------------------
+
+    async def start_workflow(
+        self,
+        definition: WorkflowDefinition | tuple[str, str],
+        input: JsonObject,
+        agent_id: str,
+        request_id: str,
+    ) -> Run:
+        """Creates the session and queues its first tasks in one transaction; the same
+        request_id returns the first session instead of starting another."""
+        if isinstance(definition, WorkflowDefinition):
+            definitions.validate(definition)
+            resolved = definition
+        else:
+            resolved = await self.get_definition(*definition)
+        if agent_id:
+            agent = await self._lifecycle.get(agent_id)
+            missing = {t.agent_capability for t in resolved.tasks} - set(agent.capabilities)
+            if missing:
+                raise InvalidStateError(
+                    f"agent {agent_id} lacks capabilities {sorted(missing)} needed by "
+                    f"workflow {resolved.id}; the run could never finish",
+                    agent_id=agent_id,
+                )
+        run = Run.start(str(uuid.uuid4()), resolved, input, agent_id, request_id, self._clock.now())
+        stored, created = await self._store.create_run(run)
+        if created:
+            log.info(
+                "session started",
+                extra={"session_id": stored.session_id, "workflow_id": resolved.id},
+            )
+            self.dispatcher.wake()
+        return stored
+
+    async def get_run(self, session_id: str) -> Run:
+        run = await self._store.get_run(session_id)
+        if run is None:
+            raise SessionNotFoundError(session_id)
+        return run
+
+    async def complete_task(self, token: str, output: JsonObject) -> None:
+        key = self.tokens.read(token)
+        now = self._clock.now()
+        await self._change(key.session_id, lambda run: run.complete(key, output, now))
+
+    async def fail_task(self, token: str, message: str, retryable: bool) -> None:
+        key = self.tokens.read(token)
+        now = self._clock.now()
+        await self._change(
+            key.session_id, lambda run: run.fail(key, message, retryable, now, self._rng)
+        )
+
+    async def heartbeat_task(self, token: str) -> tuple[bool, datetime | None]:
+        key = self.tokens.read(token)
+        now = self._clock.now()
+        return await self._change(key.session_id, lambda run: run.heartbeat(key, now))
+
+    async def cancel(self, session_id: str, reason: str) -> Run:
+        now = self._clock.now()
+        _, run = await self._store.change_run(session_id, lambda r: r.cancel(reason, now))
+        self._notify(run)
+        return run
+
+    # -- the queue (used by the dispatcher and the scheduler) ---------------------
+
+    async def claim(self, offers: list[Offer]) -> list[tuple[int, Assignment]]:
+        now = self._clock.now()
+        claimed, runs = await self._store.claim_tasks(
+            offers, now, lambda run, task_id, agent_id: run.dispatch(task_id, agent_id, now)
+        )
+        for run in runs:
+            self._notify(run)
+        return claimed
+
+    async def requeue(self, keys: Iterable[TaskKey], reason: str, lost: bool) -> None:
+        now = self._clock.now()
+        await asyncio.gather(
+            *(self._change(k.session_id, _requeuer(k, reason, now, lost)) for k in keys),
+            return_exceptions=True,
+        )
+
+    async def requeue_agent(self, agent_id: str, reason: str) -> None:
+        await self.requeue(await self._store.leased_tasks(agent_id), reason, lost=True)
+
+    async def expire_leases(self) -> int:
+        now = self._clock.now()
+        expired = await self._store.expired_leases(now)
+        await asyncio.gather(
+            *(self._change(k.session_id, _expirer(k, now, self._rng)) for k in expired),
+            return_exceptions=True,
+        )
+        return len(expired)
+
+    async def run_scheduler(self) -> None:
+        """Expires leases and wakes the dispatcher for retries whose backoff passed."""
+        while True:
+            await self._clock.sleep(self._settings.scheduler_interval)
+            try:
+                await self.expire_leases()
+            except Exception:
+                log.exception("lease check failed")
+            self.dispatcher.wake()
+
+    def issue_token(self, key: TaskKey) -> str:
+        return self.tokens.issue(key)
+
+    async def _change(self, session_id: str, change: Callable[[Run], R]) -> R:
+        result, run = await self._store.change_run(session_id, change)
+        self._notify(run)
+        return result
+
+    def _notify(self, run: Run) -> None:
+        if run.released:
+            self.dispatcher.release(run.released)
+        if run.became_ready:
+            self.dispatcher.wake()
+
+
+def _requeuer(key: TaskKey, reason: str, now: datetime, lost: bool) -> Callable[[Run], None]:
+    return lambda run: run.requeue(key.task_id, key.attempt, reason, now, lost)
+
+
+def _expirer(key: TaskKey, now: datetime, rng: random.Random) -> Callable[[Run], None]:
+    return lambda run: run.expire_lease(key.task_id, now, rng)
