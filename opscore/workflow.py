@@ -167,10 +167,7 @@ class WorkflowEngine:
 
     async def requeue(self, keys: Iterable[TaskKey], reason: str, lost: bool) -> None:
         now = self._clock.now()
-        await asyncio.gather(
-            *(self._change(k.session_id, _requeuer(k, reason, now, lost)) for k in keys),
-            return_exceptions=True,
-        )
+        await self._change_each(keys, lambda k: _requeuer(k, reason, now, lost))
 
     async def requeue_agent(self, agent_id: str, reason: str) -> None:
         await self.requeue(await self._store.leased_tasks(agent_id), reason, lost=True)
@@ -178,10 +175,7 @@ class WorkflowEngine:
     async def expire_leases(self) -> int:
         now = self._clock.now()
         expired = await self._store.expired_leases(now)
-        await asyncio.gather(
-            *(self._change(k.session_id, _expirer(k, now, self._rng)) for k in expired),
-            return_exceptions=True,
-        )
+        await self._change_each(expired, lambda k: _expirer(k, now, self._rng))
         return len(expired)
 
     async def run_scheduler(self) -> None:
@@ -201,6 +195,23 @@ class WorkflowEngine:
         result, run = await self._store.change_run(session_id, change)
         self._notify(run)
         return result
+
+    async def _change_each(
+        self, keys: Iterable[TaskKey], change: Callable[[TaskKey], Callable[[Run], None]]
+    ) -> None:
+        """Applies one change per attempt concurrently (they share group commits); a
+        session pruned or gone meanwhile is skipped, anything else is logged."""
+        keys = list(keys)
+        results = await asyncio.gather(
+            *(self._change(k.session_id, change(k)) for k in keys), return_exceptions=True
+        )
+        for key, result in zip(keys, results, strict=True):
+            if isinstance(result, Exception) and not isinstance(result, SessionNotFoundError):
+                log.error(
+                    "task change failed",
+                    extra={"session_id": key.session_id, "task_id": key.task_id},
+                    exc_info=result,
+                )
 
     def _notify(self, run: Run) -> None:
         if run.released:

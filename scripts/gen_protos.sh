@@ -8,7 +8,7 @@ rm -rf "$out/opspawn"
 mkdir -p "$out"
 "$py" -m grpc_tools.protoc -Iprotos \
   --python_out="$out" --grpc_python_out="$out" \
-  --mypy_out="$out" --mypy_grpc_out="$out" \
+  --mypy_out=quiet:"$out" --mypy_grpc_out=quiet:"$out" \
   protos/opspawn/opscore/v1/*.proto
 for d in "$out/opspawn" "$out/opspawn/opscore" "$out/opspawn/opscore/v1"; do
   touch "$d/__init__.py" "$d/py.typed"

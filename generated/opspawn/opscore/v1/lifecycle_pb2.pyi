@@ -226,7 +226,9 @@ class RegisterAgentRequest(_message.Message):
     @_builtins.property
     def capabilities(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
-    def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """At most 64 entries; keys 1-128 characters, values up to 1024, 16 KiB in all."""
+
     def __init__(
         self,
         *,
