@@ -73,6 +73,19 @@ def dict_to_struct(value: dict[str, Any], target: struct_pb2.Struct) -> None:
         target.update(value)
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def set_time(stamp: timestamp_pb2.Timestamp, value: datetime | None) -> None:
+    """Timestamp.FromDatetime without its slow `calendar.timegm` (hot in watch fan-out);
+    None leaves the field unset."""
+    if value is None:
+        return
+    delta = value - _EPOCH
+    stamp.seconds = delta.days * 86_400 + delta.seconds
+    stamp.nanos = delta.microseconds * 1000
+
+
 def optional_time(message: Message, field: str) -> datetime | None:
     if not message.HasField(field):
         return None

@@ -2,24 +2,48 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
-from google.protobuf import timestamp_pb2
 from opspawn.opscore.v1 import lifecycle_pb2 as pb
 from opspawn.opscore.v1 import lifecycle_pb2_grpc
 
 from opscore.api import lifecycle_convert as convert
-from opscore.api.fields import optional_time, require_id, struct_to_dict
+from opscore.api.fields import optional_time, require_id, set_time, struct_to_dict
 from opscore.lifecycle import Lifecycle
+from opscore.models import AgentEvent, AgentEventType
 
 Context = grpc.aio.ServicerContext[Any, Any]
+
+
+class EventCache:
+    """Converts each committed event to protobuf once and shares it among every
+    watcher (fan-out to many watchers would otherwise convert it once per watcher)."""
+
+    def __init__(self, size: int = 8192) -> None:
+        self._size = size
+        self._items: OrderedDict[int, pb.AgentEvent] = OrderedDict()
+
+    def get(self, event: AgentEvent) -> pb.AgentEvent:
+        if event.type in (AgentEventType.SNAPSHOT, AgentEventType.SYNCED):
+            message = pb.AgentEvent()  # per-watcher, not a committed event
+            convert.event_to_proto(event, message)
+            return message
+        cached = self._items.get(event.revision)
+        if cached is None:
+            cached = self._items[event.revision] = pb.AgentEvent()
+            convert.event_to_proto(event, cached)
+            if len(self._items) > self._size:
+                self._items.popitem(last=False)
+        return cached
 
 
 class LifecycleServicer(lifecycle_pb2_grpc.LifecycleServiceServicer):
     def __init__(self, lifecycle: Lifecycle) -> None:
         self._lifecycle = lifecycle
+        self._events = EventCache()
 
     async def RegisterAgent(self, request: pb.RegisterAgentRequest, context: Context) -> pb.Agent:
         registration = convert.registration_from_proto(request)
@@ -62,13 +86,12 @@ class LifecycleServicer(lifecycle_pb2_grpc.LifecycleServiceServicer):
     ) -> pb.HeartbeatResponse:
         agent_id = require_id("agent_id", request.agent_id)
         agent = await self._lifecycle.heartbeat(agent_id)
-        server_time = timestamp_pb2.Timestamp()
-        server_time.FromDatetime(agent.last_heartbeat_at)
-        return pb.HeartbeatResponse(
+        response = pb.HeartbeatResponse(
             state=agent.state.value,  # type: ignore[arg-type]
             liveness_timeout_seconds=max(1, int(self._lifecycle.liveness_timeout)),
-            server_time=server_time,
         )
+        set_time(response.server_time, agent.last_heartbeat_at)
+        return response
 
     async def WatchAgentStates(
         self, request: pb.WatchAgentStatesRequest, context: Context
@@ -76,7 +99,4 @@ class LifecycleServicer(lifecycle_pb2_grpc.LifecycleServiceServicer):
         flt = convert.watch_filter(request)
         since = request.since_revision if request.HasField("since_revision") else None
         async for batch in self._lifecycle.watch(flt, since, request.send_initial_state):
-            response = pb.WatchAgentStatesResponse()
-            for event in batch:
-                convert.event_to_proto(event, response.events.add())
-            yield response
+            yield pb.WatchAgentStatesResponse(events=[self._events.get(e) for e in batch])

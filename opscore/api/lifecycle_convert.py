@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from opspawn.opscore.v1 import lifecycle_pb2 as pb
 
-from opscore.api.fields import MAX_STRUCT_BYTES, Violations, dict_to_struct
+from opscore.api.fields import MAX_STRUCT_BYTES, Violations, dict_to_struct, set_time
 from opscore.models import (
     REPORTABLE_STATES,
     Agent,
@@ -101,11 +101,10 @@ def agent_to_proto(agent: Agent, out: pb.Agent | None = None) -> pb.Agent:
     msg.metadata.update(agent.metadata)
     msg.state = agent.state.value  # type: ignore[assignment]
     dict_to_struct(agent.state_details, msg.state_details)
-    msg.registered_at.FromDatetime(agent.registered_at)
-    msg.state_updated_at.FromDatetime(agent.state_updated_at)
-    msg.last_heartbeat_at.FromDatetime(agent.last_heartbeat_at)
-    if agent.state_observed_at is not None:
-        msg.state_observed_at.FromDatetime(agent.state_observed_at)
+    set_time(msg.registered_at, agent.registered_at)
+    set_time(msg.state_updated_at, agent.state_updated_at)
+    set_time(msg.last_heartbeat_at, agent.last_heartbeat_at)
+    set_time(msg.state_observed_at, agent.state_observed_at)
     msg.revision = agent.revision
     return msg
 
@@ -115,4 +114,4 @@ def event_to_proto(event: AgentEvent, out: pb.AgentEvent) -> None:
     out.type = event.type.value  # type: ignore[assignment]
     if event.agent is not None:
         agent_to_proto(event.agent, out.agent)
-    out.occurred_at.FromDatetime(event.occurred_at)
+    set_time(out.occurred_at, event.occurred_at)

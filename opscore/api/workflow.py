@@ -9,7 +9,7 @@ import grpc
 from opspawn.opscore.v1 import session_pb2, workflow_pb2, workflow_pb2_grpc
 
 from opscore.api import workflow_convert as convert
-from opscore.api.fields import Violations, require_id, struct_to_dict
+from opscore.api.fields import Violations, require_id, set_time, struct_to_dict
 from opscore.workflow import WorkflowEngine
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -135,8 +135,7 @@ class WorkflowServicer(workflow_pb2_grpc.WorkflowServiceServicer):
         v.raise_if_any()
         cancel, deadline = await self._engine.heartbeat_task(request.task_token)
         response = workflow_pb2.HeartbeatTaskResponse(cancel_requested=cancel)
-        if deadline is not None:
-            response.deadline.FromDatetime(deadline)
+        set_time(response.deadline, deadline)
         return response
 
 

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from datetime import datetime
-
 from google.protobuf import duration_pb2
 from opspawn.opscore.v1 import session_pb2, workflow_pb2
 
-from opscore.api.fields import dict_to_struct, struct_to_dict
+from opscore.api.fields import dict_to_struct, set_time, struct_to_dict
 from opscore.definitions import (
     DEFAULT_TIMEOUT_SECONDS,
     RetryPolicy,
@@ -90,8 +88,7 @@ def definition_to_proto(defn: WorkflowDefinition) -> workflow_pb2.WorkflowDefini
         _duration(t.retry_policy.initial_interval, policy.initial_interval)
         _duration(t.retry_policy.maximum_interval, policy.maximum_interval)
         _duration(t.timeout, task.timeout)
-    if defn.created_at is not None:
-        msg.created_at.FromDatetime(defn.created_at)
+    set_time(msg.created_at, defn.created_at)
     return msg
 
 
@@ -106,13 +103,8 @@ def assignment_to_proto(a: Assignment, token: str) -> workflow_pb2.TaskAssignmen
         attempt=a.key.attempt,
     )
     dict_to_struct(a.payload, msg.payload)
-    msg.deadline.FromDatetime(a.deadline)
+    set_time(msg.deadline, a.deadline)
     return msg
-
-
-def _stamp(value: datetime | None, field: object) -> None:
-    if value is not None:
-        field.FromDatetime(value)  # type: ignore[attr-defined]
 
 
 def session_to_proto(run: Run) -> session_pb2.Session:
@@ -139,10 +131,10 @@ def session_to_proto(run: Run) -> session_pb2.Session:
         )
         if task.output is not None:
             dict_to_struct(task.output, t.output)
-        _stamp(task.updated_at, t.updated_at)
-    _stamp(run.created_at, msg.created_at)
-    _stamp(run.updated_at, msg.updated_at)
-    _stamp(run.ended_at, msg.ended_at)
+        set_time(t.updated_at, task.updated_at)
+    set_time(msg.created_at, run.created_at)
+    set_time(msg.updated_at, run.updated_at)
+    set_time(msg.ended_at, run.ended_at)
     return msg
 
 
@@ -156,5 +148,5 @@ def session_event_to_proto(event: SessionEvent) -> session_pb2.SessionEvent:
         agent_id=event.agent_id,
     )
     dict_to_struct(event.detail, msg.detail)
-    msg.occurred_at.FromDatetime(event.occurred_at)
+    set_time(msg.occurred_at, event.occurred_at)
     return msg
