@@ -41,6 +41,24 @@ class Settings(BaseSettings):
     # How often leases are checked and due retries woken.
     scheduler_interval: float = Field(0.5, gt=0)
 
+    # Authentication: operator keys (hashed) from a YAML/JSON file and/or env
+    # `name:role:sha256,...`. None configured: auth is off and only loopback is served
+    # unless insecure_no_auth says otherwise.
+    keys_file: Path | None = None
+    api_keys: str = ""
+    insecure_no_auth: bool = False
+    # TLS: certificate and key (PEM); with client_ca, clients must present a
+    # certificate signed by it (mutual TLS).
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+
+    # Limits.
+    rate_limit: float = Field(0.0, ge=0)  # requests/s per caller; 0: off
+    rate_burst: float = Field(0.0, ge=0)  # 0: twice the rate
+    max_task_streams_per_agent: int = Field(4, ge=1)
+    max_watchers: int = Field(1000, ge=1)  # per watch kind (agents, sessions)
+    max_concurrent_streams: int = Field(100, ge=1)  # per HTTP/2 connection
     max_message_bytes: int = Field(4 * 1024 * 1024, ge=1024)
     shutdown_grace: float = Field(5.0, ge=0)
 

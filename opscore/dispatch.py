@@ -15,7 +15,12 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Protocol
 
-from opscore.errors import AgentNotFoundError, OpsCoreError, ShuttingDownError
+from opscore.errors import (
+    AgentNotFoundError,
+    OpsCoreError,
+    ResourceLimitError,
+    ShuttingDownError,
+)
 from opscore.models import Agent, AgentEvent, AgentEventType, AgentState
 from opscore.runs import Assignment, Offer, TaskKey
 
@@ -67,8 +72,14 @@ class Queue(Protocol):
 
 
 class Dispatcher:
-    def __init__(self, queue: Queue, ready_for_work: Callable[[str], Awaitable[Agent]]) -> None:
+    def __init__(
+        self,
+        queue: Queue,
+        ready_for_work: Callable[[str], Awaitable[Agent]],
+        max_streams_per_agent: int = 4,
+    ) -> None:
         self._queue = queue
+        self._max_streams_per_agent = max_streams_per_agent
         self._ready_for_work = ready_for_work
         self._streams: dict[str, list[TaskStream]] = {}
         self._agents: dict[str, Agent] = {}
@@ -83,6 +94,11 @@ class Dispatcher:
         """Opens a task stream; an INITIALIZING or OFFLINE agent becomes IDLE."""
         if self._closed:
             raise ShuttingDownError("server is shutting down")
+        if len(self._streams.get(agent_id, ())) >= self._max_streams_per_agent:
+            raise ResourceLimitError(
+                f"agent {agent_id} already has {self._max_streams_per_agent} task streams open",
+                agent_id=agent_id,
+            )
         agent = await self._ready_for_work(agent_id)
         stream = TaskStream(agent_id, max_in_flight)
         self._streams.setdefault(agent_id, []).append(stream)

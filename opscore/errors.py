@@ -101,6 +101,26 @@ class ShuttingDownError(OpsCoreError):
     """The server is stopping; retry on another replica or after restart."""
 
 
+class UnauthenticatedError(OpsCoreError):
+    """No credentials, or credentials this server does not know."""
+
+
+class PermissionDeniedError(OpsCoreError):
+    """Known caller, but not allowed to do this (wrong role, or another agent's work)."""
+
+
+class ResourceLimitError(OpsCoreError):
+    """A configured limit (open streams, watchers) is reached."""
+
+
+class RateLimitedError(ResourceLimitError):
+    """The caller sent more requests than its rate allows; retry after a pause."""
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 class StorageError(OpsCoreError):
     """The store failed; nothing was committed."""
 

@@ -12,7 +12,7 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Generic, TypeVar
 
-from opscore.errors import ShuttingDownError, WatcherTooSlowError
+from opscore.errors import ResourceLimitError, ShuttingDownError, WatcherTooSlowError
 
 E = TypeVar("E")
 
@@ -67,11 +67,16 @@ class Subscription(Generic[E]):
 
 
 class Hub(Generic[E]):
-    def __init__(self) -> None:
+    def __init__(self, max_subscribers: int = 1000) -> None:
         self._subscribers: set[Subscription[E]] = set()
+        self._max_subscribers = max_subscribers
         self._closed = False
 
     def subscribe(self, accepts: Callable[[E], bool], limit: int) -> Subscription[E]:
+        if len(self._subscribers) >= self._max_subscribers:
+            raise ResourceLimitError(
+                f"too many watchers (limit {self._max_subscribers}); try again later"
+            )
         sub = Subscription(self, accepts, limit)
         if self._closed:
             sub.close()

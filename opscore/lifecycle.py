@@ -12,12 +12,13 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime, timedelta
 
-from opscore import paging
+from opscore import auth, paging
 from opscore.clock import Clock
 from opscore.config import Settings
 from opscore.errors import (
     AgentNotFoundError,
     InvalidArgumentError,
+    InvalidStateError,
     RevisionCompactedError,
     StaleStateReportError,
 )
@@ -42,11 +43,17 @@ WATCH_BATCH = 500
 
 
 class Lifecycle:
-    def __init__(self, store: Store, clock: Clock, settings: Settings) -> None:
+    def __init__(
+        self, store: Store, clock: Clock, settings: Settings, issue_tokens: bool = False
+    ) -> None:
         self._store = store
         self._clock = clock
         self._settings = settings
-        self._hub: Hub[AgentEvent] = Hub()
+        self._issue_tokens = issue_tokens
+        # Agent tokens by SHA-256, and back (authentication on only).
+        self._token_owner: dict[str, str] = {}
+        self._agent_token: dict[str, str] = {}
+        self._hub: Hub[AgentEvent] = Hub(settings.max_watchers)
         store.add_commit_listener(
             lambda events: self._hub.publish(e for e in events if isinstance(e, AgentEvent))
         )
@@ -55,13 +62,59 @@ class Lifecycle:
     def liveness_timeout(self) -> float:
         return self._settings.liveness_timeout
 
+    async def start(self) -> None:
+        if self._issue_tokens:
+            self._token_owner = await self._store.agent_tokens()
+            self._agent_token = {a: s for s, a in self._token_owner.items()}
+
+    # -- agent tokens ------------------------------------------------------------
+
+    def agent_for_token(self, token: str) -> str | None:
+        """The agent a bearer token belongs to, if it is a current agent token."""
+        return self._token_owner.get(auth.digest(token))
+
+    def _new_token(self) -> tuple[str, str]:
+        token = auth.new_secret(auth.AGENT_TOKEN_PREFIX)
+        return token, auth.digest(token)
+
+    def _remember_token(self, agent_id: str, sha: str | None) -> None:
+        old = self._agent_token.pop(agent_id, None)
+        if old is not None:
+            self._token_owner.pop(old, None)
+        if sha is not None:
+            self._agent_token[agent_id] = sha
+            self._token_owner[sha] = agent_id
+
+    async def rotate_token(self, agent_id: str) -> tuple[Agent, str]:
+        """Issues a new token for the agent; the old one stops working at once."""
+        if not self._issue_tokens:
+            raise InvalidStateError("authentication is off: agents need no tokens")
+        token, sha = self._new_token()
+        now = self._clock.now()
+
+        def decide(current: Agent | None) -> AgentChange:
+            if current is None:
+                raise AgentNotFoundError(agent_id)
+            return AgentChange(current, None, now, token_sha256=sha)
+
+        agent, _ = await self._store.change_agent(agent_id, decide)
+        self._remember_token(agent_id, sha)
+        log.info("agent token rotated", extra={"agent_id": agent_id})
+        return agent, token
+
     # -- registry ----------------------------------------------------------------
 
-    async def register(self, reg: AgentRegistration) -> Agent:
+    async def register(self, reg: AgentRegistration) -> tuple[Agent, str | None]:
         """Creates the agent, or re-registers it: an identical retry changes nothing;
-        changed fields (or an OFFLINE agent coming back) restart it as INITIALIZING."""
+        changed fields (or an OFFLINE agent coming back) restart it as INITIALIZING.
+        With authentication on, an agent without a token gets one (returned once)."""
         agent_id = reg.agent_id or str(uuid.uuid4())
         now = self._clock.now()
+        token, sha = (
+            self._new_token()
+            if self._issue_tokens and agent_id not in self._agent_token
+            else (None, None)
+        )
 
         def decide(current: Agent | None) -> AgentChange:
             if (
@@ -69,7 +122,7 @@ class Lifecycle:
                 and current.same_registration(reg)
                 and current.state is not AgentState.OFFLINE
             ):
-                return AgentChange(current, None, now)
+                return AgentChange(current, None, now, token_sha256=sha)
             base = current or Agent(
                 agent_id=agent_id,
                 name="",
@@ -96,12 +149,14 @@ class Lifecycle:
                 state_updated_at=now,
                 last_heartbeat_at=now,
             )
-            return AgentChange(agent, AgentEventType.REGISTERED, now)
+            return AgentChange(agent, AgentEventType.REGISTERED, now, token_sha256=sha)
 
         agent, event = await self._store.change_agent(agent_id, decide)
+        if sha is not None:
+            self._remember_token(agent_id, sha)
         if event is not None:
             log.info("agent registered", extra={"agent_id": agent_id, "revision": event.revision})
-        return agent
+        return agent, token
 
     async def deregister(self, agent_id: str) -> Agent:
         now = self._clock.now()
@@ -112,6 +167,7 @@ class Lifecycle:
             return AgentChange(None, AgentEventType.DEREGISTERED, now)
 
         agent, _ = await self._store.change_agent(agent_id, decide)
+        self._remember_token(agent_id, None)
         log.info("agent deregistered", extra={"agent_id": agent_id})
         return agent
 

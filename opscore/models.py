@@ -127,3 +127,5 @@ class AgentChange:
     agent: Agent | None
     event: AgentEventType | None
     occurred_at: datetime
+    # SHA-256 of a newly issued agent token, stored in the same transaction.
+    token_sha256: str | None = None

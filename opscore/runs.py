@@ -11,7 +11,7 @@ from datetime import datetime, timedelta
 from typing import Any, NamedTuple
 
 from opscore.definitions import TaskDefinition, WorkflowDefinition
-from opscore.errors import InvalidStateError, TaskDispatchError
+from opscore.errors import InvalidStateError, PermissionDeniedError, TaskDispatchError
 from opscore.models import JsonObject
 
 
@@ -362,6 +362,15 @@ class Run:
         task.ended_by = how
         task.lease_expires_at = None
         self._touch(task, now)
+
+    def check_owner(self, key: TaskKey, caller: str) -> None:
+        """An agent (when named) may answer only attempts dispatched to it."""
+        task = self._task_of(key)
+        if caller and task.agent_id != caller:
+            raise PermissionDeniedError(
+                f"task {key.task_id} of session {key.session_id} was not given to {caller}",
+                session_id=key.session_id,
+            )
 
     def _task_of(self, key: TaskKey) -> TaskRun:
         task = self.tasks.get(key.task_id)

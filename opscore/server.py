@@ -1,9 +1,10 @@
-"""The grpc.aio server: wiring, health, reflection, and graceful shutdown."""
+"""The grpc.aio server: wiring, security, health, reflection, and graceful shutdown."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import signal
 
@@ -19,10 +20,12 @@ from opspawn.opscore.v1 import (
     workflow_pb2_grpc,
 )
 
+from opscore.api.access import Access
+from opscore.api.interceptor import EdgeInterceptor
 from opscore.api.lifecycle import LifecycleServicer
 from opscore.api.session import SessionServicer
-from opscore.api.status import ErrorMappingInterceptor
 from opscore.api.workflow import WorkflowServicer
+from opscore.auth import OperatorKey, load_operator_keys
 from opscore.clock import Clock, SystemClock
 from opscore.config import Settings
 from opscore.errors import ConfigurationError
@@ -40,18 +43,71 @@ SERVICE_NAMES = [
 ]
 
 
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def load_keys(settings: Settings) -> list[OperatorKey]:
+    return load_operator_keys(settings.keys_file, settings.api_keys)
+
+
+def check_exposure(settings: Settings, keys: list[OperatorKey]) -> None:
+    """Safe by default: without keys, serve loopback only unless told otherwise."""
+    if keys:
+        return
+    if not is_loopback(settings.host) and not settings.insecure_no_auth:
+        raise ConfigurationError(
+            f"refusing to serve {settings.host} without authentication: configure operator "
+            "keys (OPSCORE_KEYS_FILE or OPSCORE_API_KEYS) or pass --insecure-no-auth"
+        )
+    log.warning(
+        "AUTHENTICATION IS OFF: any client that can connect may do anything",
+        extra={"host": settings.host},
+    )
+
+
+def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
+    """TLS from PEM files; with a client CA, mutual TLS (client certificates required)."""
+    if settings.tls_cert is None and settings.tls_key is None:
+        if settings.tls_client_ca is not None:
+            raise ConfigurationError("tls_client_ca needs tls_cert and tls_key as well")
+        return None
+    if settings.tls_cert is None or settings.tls_key is None:
+        raise ConfigurationError("TLS needs both tls_cert and tls_key")
+    try:
+        chain = settings.tls_cert.read_bytes()
+        key = settings.tls_key.read_bytes()
+        ca = settings.tls_client_ca.read_bytes() if settings.tls_client_ca else None
+    except OSError as exc:
+        raise ConfigurationError(f"cannot read TLS file: {exc}") from None
+    return grpc.ssl_server_credentials(
+        [(key, chain)], root_certificates=ca, require_client_auth=ca is not None
+    )
+
+
 class OpsCoreServer:
     def __init__(self, settings: Settings, clock: Clock | None = None) -> None:
         self.settings = settings
         self.clock: Clock = clock or SystemClock()
         self.port = 0
+        keys = load_keys(settings)
+        check_exposure(settings, keys)
+        self._credentials = server_credentials(settings)
         self._store = SqliteStore(
             settings.db,
             synchronous=settings.sqlite_synchronous,
             readers=settings.sqlite_readers,
             max_batch=settings.max_batch,
         )
-        self._lifecycle = Lifecycle(self._store, self.clock, settings)
+        self._lifecycle = Lifecycle(self._store, self.clock, settings, issue_tokens=bool(keys))
+        self.access = Access(
+            keys, self._lifecycle.agent_for_token, settings.rate_limit, settings.rate_burst
+        )
         self._engine = WorkflowEngine(self._store, self.clock, settings, self._lifecycle)
         self._sessions = SessionTracker(self._store, self.clock, settings)
         self._health = health.aio.HealthServicer()  # type: ignore[attr-defined]
@@ -64,11 +120,13 @@ class OpsCoreServer:
 
     async def start(self) -> None:
         await self._store.open()
+        await self._lifecycle.start()
         await self._engine.start()
         limit = self.settings.max_message_bytes
         server = grpc.aio.server(
-            interceptors=[ErrorMappingInterceptor()],
+            interceptors=[EdgeInterceptor(self.access)],
             options=[
+                ("grpc.max_concurrent_streams", self.settings.max_concurrent_streams),
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", limit),
                 ("grpc.keepalive_time_ms", 60_000),
@@ -98,7 +156,11 @@ class OpsCoreServer:
         )
         target = f"{self.settings.host}:{self.settings.port}"
         try:
-            self.port = server.add_insecure_port(target)
+            self.port = (
+                server.add_secure_port(target, self._credentials)
+                if self._credentials is not None
+                else server.add_insecure_port(target)
+            )
         except RuntimeError as exc:
             await self._store.close()
             raise ConfigurationError(f"cannot listen on {target}: {exc}") from None
@@ -115,8 +177,28 @@ class OpsCoreServer:
         ]
         log.info(
             "serving",
-            extra={"address": self.address, "port": self.port, "db": str(self.settings.db)},
+            extra={
+                "address": self.address,
+                "port": self.port,
+                "db": str(self.settings.db),
+                "tls": self._credentials is not None,
+                "auth": self.access.enabled,
+            },
         )
+
+    def reload_keys(self) -> None:
+        """Re-reads operator keys (SIGHUP): rotation and revocation without a restart.
+        A broken file keeps the old keys. Turning auth on or off needs a restart."""
+        try:
+            keys = load_keys(self.settings)
+        except ConfigurationError as exc:
+            log.error("keeping the old operator keys", extra={"error": exc.message})
+            return
+        if bool(keys) != self.access.enabled:
+            log.error("turning authentication on or off needs a restart; keys not reloaded")
+            return
+        self.access.replace_keys(keys)
+        log.info("operator keys reloaded", extra={"count": len(keys)})
 
     async def stop(self, grace: float | None = None) -> None:
         """Reports NOT_SERVING, ends watch streams, lets in-flight calls finish within
@@ -146,6 +228,7 @@ async def serve(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, server.reload_keys)
     await stop.wait()
     log.info("shutting down")
     await server.stop()

@@ -44,7 +44,9 @@ class WorkflowEngine:
         self._lifecycle = lifecycle
         self._rng = random.Random()
         self._tokens: TaskTokens | None = None
-        self.dispatcher = Dispatcher(self, lifecycle.ready_for_work)
+        self.dispatcher = Dispatcher(
+            self, lifecycle.ready_for_work, settings.max_task_streams_per_agent
+        )
         store.add_commit_listener(self.dispatcher.on_commit)
 
     async def start(self) -> None:
@@ -131,22 +133,38 @@ class WorkflowEngine:
             raise SessionNotFoundError(session_id)
         return run
 
-    async def complete_task(self, token: str, output: JsonObject) -> None:
-        key = self.tokens.read(token)
-        now = self._clock.now()
-        await self._change(key.session_id, lambda run: run.complete(key, output, now))
+    # `caller` is the agent making the call when authentication is on: an agent may
+    # only answer attempts given to it.
 
-    async def fail_task(self, token: str, message: str, retryable: bool) -> None:
+    async def complete_task(self, token: str, output: JsonObject, caller: str = "") -> None:
         key = self.tokens.read(token)
         now = self._clock.now()
-        await self._change(
-            key.session_id, lambda run: run.fail(key, message, retryable, now, self._rng)
-        )
 
-    async def heartbeat_task(self, token: str) -> tuple[bool, datetime | None]:
+        def change(run: Run) -> None:
+            run.check_owner(key, caller)
+            run.complete(key, output, now)
+
+        await self._change(key.session_id, change)
+
+    async def fail_task(self, token: str, message: str, retryable: bool, caller: str = "") -> None:
         key = self.tokens.read(token)
         now = self._clock.now()
-        return await self._change(key.session_id, lambda run: run.heartbeat(key, now))
+
+        def change(run: Run) -> None:
+            run.check_owner(key, caller)
+            run.fail(key, message, retryable, now, self._rng)
+
+        await self._change(key.session_id, change)
+
+    async def heartbeat_task(self, token: str, caller: str = "") -> tuple[bool, datetime | None]:
+        key = self.tokens.read(token)
+        now = self._clock.now()
+
+        def change(run: Run) -> tuple[bool, datetime | None]:
+            run.check_owner(key, caller)
+            return run.heartbeat(key, now)
+
+        return await self._change(key.session_id, change)
 
     async def cancel(self, session_id: str, reason: str) -> Run:
         now = self._clock.now()

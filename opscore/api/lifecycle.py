@@ -47,7 +47,19 @@ class LifecycleServicer(lifecycle_pb2_grpc.LifecycleServiceServicer):
 
     async def RegisterAgent(self, request: pb.RegisterAgentRequest, context: Context) -> pb.Agent:
         registration = convert.registration_from_proto(request)
-        return convert.agent_to_proto(await self._lifecycle.register(registration))
+        agent, token = await self._lifecycle.register(registration)
+        response = convert.agent_to_proto(agent)
+        response.agent_token = token or ""
+        return response
+
+    async def RotateAgentToken(
+        self, request: pb.RotateAgentTokenRequest, context: Context
+    ) -> pb.Agent:
+        agent_id = require_id("agent_id", request.agent_id)
+        agent, token = await self._lifecycle.rotate_token(agent_id)
+        response = convert.agent_to_proto(agent)
+        response.agent_token = token
+        return response
 
     async def DeregisterAgent(
         self, request: pb.DeregisterAgentRequest, context: Context

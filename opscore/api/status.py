@@ -4,8 +4,8 @@ google.rpc.Status details, applied to every RPC by `ErrorMappingInterceptor`."""
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, TypeAlias, cast
+from datetime import timedelta
+from typing import Any
 
 import grpc
 from google.protobuf import any_pb2
@@ -36,6 +36,10 @@ STATUS_TABLE: dict[type[errors.OpsCoreError], tuple[grpc.StatusCode, str]] = {
     errors.RevisionCompactedError: (grpc.StatusCode.OUT_OF_RANGE, "REVISION_COMPACTED"),
     errors.WatcherTooSlowError: (grpc.StatusCode.RESOURCE_EXHAUSTED, "WATCHER_TOO_SLOW"),
     errors.ShuttingDownError: (grpc.StatusCode.UNAVAILABLE, "SHUTTING_DOWN"),
+    errors.UnauthenticatedError: (grpc.StatusCode.UNAUTHENTICATED, "UNAUTHENTICATED"),
+    errors.PermissionDeniedError: (grpc.StatusCode.PERMISSION_DENIED, "PERMISSION_DENIED"),
+    errors.RateLimitedError: (grpc.StatusCode.RESOURCE_EXHAUSTED, "RATE_LIMITED"),
+    errors.ResourceLimitError: (grpc.StatusCode.RESOURCE_EXHAUSTED, "LIMIT_REACHED"),
     errors.StorageError: (grpc.StatusCode.UNAVAILABLE, "STORAGE_UNAVAILABLE"),
     errors.ConfigurationError: (grpc.StatusCode.INTERNAL, "CONFIGURATION_ERROR"),
     errors.OpsCoreError: (grpc.StatusCode.INTERNAL, "INTERNAL"),
@@ -66,6 +70,10 @@ def status_for(exc: errors.OpsCoreError) -> grpc.Status:
             ]
         )
         details.append(_pack(bad_request))
+    if isinstance(exc, errors.RateLimitedError):
+        retry = error_details_pb2.RetryInfo()
+        retry.retry_delay.FromTimedelta(timedelta(seconds=exc.retry_after))
+        details.append(_pack(retry))
     status = status_pb2.Status(
         code=getattr(code_pb2, code.name), message=exc.message, details=details
     )
@@ -73,69 +81,12 @@ def status_for(exc: errors.OpsCoreError) -> grpc.Status:
     return result
 
 
-async def _abort(context: grpc.aio.ServicerContext[Any, Any], exc: Exception, method: str) -> None:
+async def abort(context: grpc.aio.ServicerContext[Any, Any], exc: Exception, method: str) -> None:
+    """Ends the call with the status of `exc`; anything not an OpsCoreError is a bug:
+    logged, and reported as INTERNAL without its details."""
     if isinstance(exc, errors.OpsCoreError):
         status = status_for(exc)
     else:
         log.exception("unexpected error", extra={"method": method}, exc_info=exc)
         status = status_for(errors.OpsCoreError("internal error"))
     await context.abort(status.code, status.details, status.trailing_metadata)
-
-
-Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
-
-
-class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
-    """Turns an OpsCoreError raised by any servicer into its rich status, so no
-    servicer carries try/except ladders. Wrapped handlers are cached per method."""
-
-    def __init__(self) -> None:
-        self._wrapped: dict[str, Handler | None] = {}
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> Handler:
-        method = handler_call_details.method
-        if method in self._wrapped:
-            return self._wrapped[method]  # type: ignore[return-value]
-        handler = await continuation(handler_call_details)
-        wrapped = self._wrap(handler, method)
-        self._wrapped[method] = wrapped
-        return wrapped  # type: ignore[return-value]
-
-    @staticmethod
-    def _wrap(handler: Handler | None, method: str) -> Handler | None:
-        if handler is None:
-            return None
-        if handler.unary_unary is not None:
-            unary = handler.unary_unary
-
-            async def unary_behavior(request: Any, context: Any) -> Any:
-                try:
-                    return await unary(request, context)
-                except grpc.aio.AbortError:
-                    raise
-                except Exception as exc:
-                    await _abort(context, exc, method)
-
-            return grpc.unary_unary_rpc_method_handler(
-                unary_behavior, handler.request_deserializer, handler.response_serializer
-            )
-        if handler.unary_stream is not None:
-            stream = cast(Callable[[Any, Any], AsyncIterator[Any]], handler.unary_stream)
-
-            async def stream_behavior(request: Any, context: Any) -> AsyncIterator[Any]:
-                try:
-                    async for item in stream(request, context):
-                        yield item
-                except grpc.aio.AbortError:
-                    raise
-                except Exception as exc:
-                    await _abort(context, exc, method)
-
-            return grpc.unary_stream_rpc_method_handler(
-                stream_behavior, handler.request_deserializer, handler.response_serializer
-            )
-        return handler

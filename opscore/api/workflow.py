@@ -9,6 +9,7 @@ import grpc
 from opspawn.opscore.v1 import session_pb2, workflow_pb2, workflow_pb2_grpc
 
 from opscore.api import workflow_convert as convert
+from opscore.api.access import current_principal
 from opscore.api.fields import Violations, require_id, set_time, struct_to_dict
 from opscore.workflow import WorkflowEngine
 
@@ -112,7 +113,9 @@ class WorkflowServicer(workflow_pb2_grpc.WorkflowServiceServicer):
         if request.output.ByteSize() > MAX_INPUT_BYTES:
             v.add("output", f"must be at most {MAX_INPUT_BYTES} bytes serialized")
         v.raise_if_any()
-        await self._engine.complete_task(request.task_token, struct_to_dict(request.output))
+        await self._engine.complete_task(
+            request.task_token, struct_to_dict(request.output), _caller()
+        )
         return workflow_pb2.CompleteTaskResponse()
 
     async def FailTask(
@@ -123,7 +126,7 @@ class WorkflowServicer(workflow_pb2_grpc.WorkflowServiceServicer):
         v.text("error_message", request.error_message, max_len=MAX_ERROR_MESSAGE)
         v.raise_if_any()
         await self._engine.fail_task(
-            request.task_token, request.error_message or "failed", request.retryable
+            request.task_token, request.error_message or "failed", request.retryable, _caller()
         )
         return workflow_pb2.FailTaskResponse()
 
@@ -133,10 +136,15 @@ class WorkflowServicer(workflow_pb2_grpc.WorkflowServiceServicer):
         v = Violations()
         v.text("task_token", request.task_token, max_len=1024, required=True)
         v.raise_if_any()
-        cancel, deadline = await self._engine.heartbeat_task(request.task_token)
+        cancel, deadline = await self._engine.heartbeat_task(request.task_token, _caller())
         response = workflow_pb2.HeartbeatTaskResponse(cancel_requested=cancel)
         set_time(response.deadline, deadline)
         return response
+
+
+def _caller() -> str:
+    """The agent making this call ("" when the caller is not an agent)."""
+    return current_principal.get().agent_id
 
 
 def _check_version(version: str, *, required: bool) -> None:

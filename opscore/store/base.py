@@ -54,6 +54,10 @@ class Store(ABC):
     async def get_agent(self, agent_id: str) -> Agent | None: ...
 
     @abstractmethod
+    async def agent_tokens(self) -> dict[str, str]:
+        """Every agent token's SHA-256, mapped to its agent id."""
+
+    @abstractmethod
     async def list_agents(self, flt: AgentFilter, after_id: str, limit: int) -> list[Agent]:
         """Agents matching `flt` with agent_id > after_id, ordered by agent_id."""
 

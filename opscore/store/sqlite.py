@@ -280,8 +280,14 @@ class SqliteStore(Store):
                     ),
                 )
                 events.append(event)
+            if change.token_sha256 is not None:
+                conn.execute(
+                    "INSERT OR REPLACE INTO agent_tokens (agent_id, sha256) VALUES (?, ?)",
+                    (agent_id, change.token_sha256),
+                )
             if change.agent is None:
                 conn.execute("DELETE FROM agents WHERE agent_id = ?", (agent_id,))
+                conn.execute("DELETE FROM agent_tokens WHERE agent_id = ?", (agent_id,))
             elif change.agent is not current:
                 conn.execute(
                     f"INSERT OR REPLACE INTO agents ({AGENT_COLUMNS}) "
@@ -291,6 +297,12 @@ class SqliteStore(Store):
             return agent, event
 
         return await self._write(job)
+
+    async def agent_tokens(self) -> dict[str, str]:
+        def read(conn: sqlite3.Connection) -> dict[str, str]:
+            return dict(conn.execute("SELECT sha256, agent_id FROM agent_tokens").fetchall())
+
+        return await self._read(read)
 
     async def get_agent(self, agent_id: str) -> Agent | None:
         def read(conn: sqlite3.Connection) -> Agent | None:

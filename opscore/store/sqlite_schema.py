@@ -101,4 +101,11 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (session_id, sequence)
     );
     """,
+    # 3: per-agent bearer tokens (hashed), deleted with their agent.
+    """
+    CREATE TABLE agent_tokens (
+        agent_id TEXT PRIMARY KEY,
+        sha256 TEXT NOT NULL UNIQUE
+    );
+    """,
 ]

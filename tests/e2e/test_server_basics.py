@@ -70,6 +70,7 @@ async def test_reflection_lists_and_describes_services(channel: grpc.aio.Channel
         "UpdateAgentState",
         "Heartbeat",
         "WatchAgentStates",
+        "RotateAgentToken",
     }
 
 

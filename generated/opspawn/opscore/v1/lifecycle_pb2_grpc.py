@@ -71,6 +71,11 @@ class LifecycleServiceStub:
                 request_serializer=opspawn_dot_opscore_dot_v1_dot_lifecycle__pb2.WatchAgentStatesRequest.SerializeToString,
                 response_deserializer=opspawn_dot_opscore_dot_v1_dot_lifecycle__pb2.WatchAgentStatesResponse.FromString,
                 _registered_method=True)
+        self.RotateAgentToken = channel.unary_unary(
+                '/opspawn.opscore.v1.LifecycleService/RotateAgentToken',
+                request_serializer=opspawn_dot_opscore_dot_v1_dot_lifecycle__pb2.RotateAgentTokenRequest.SerializeToString,
+                response_deserializer=opspawn_dot_opscore_dot_v1_dot_lifecycle__pb2.Agent.FromString,
+                _registered_method=True)
 
 
 class LifecycleServiceServicer:
@@ -127,6 +132,13 @@ class LifecycleServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RotateAgentToken(self, request, context):
+        """Issues a new agent token and revokes the old one (authentication on only).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LifecycleServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -164,6 +176,11 @@ def add_LifecycleServiceServicer_to_server(servicer, server):
                     servicer.WatchAgentStates,
                     request_deserializer=opspawn_dot_opscore_dot_v1_dot_lifecycle__pb2.WatchAgentStatesRequest.FromString,
                     response_serializer=opspawn_dot_opscore_dot_v1_dot_lifecycle__pb2.WatchAgentStatesResponse.SerializeToString,
+            ),
+            'RotateAgentToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.RotateAgentToken,
+                    request_deserializer=opspawn_dot_opscore_dot_v1_dot_lifecycle__pb2.RotateAgentTokenRequest.FromString,
+                    response_serializer=opspawn_dot_opscore_dot_v1_dot_lifecycle__pb2.Agent.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -357,6 +374,33 @@ class LifecycleService:
             '/opspawn.opscore.v1.LifecycleService/WatchAgentStates',
             opspawn_dot_opscore_dot_v1_dot_lifecycle__pb2.WatchAgentStatesRequest.SerializeToString,
             opspawn_dot_opscore_dot_v1_dot_lifecycle__pb2.WatchAgentStatesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RotateAgentToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/opspawn.opscore.v1.LifecycleService/RotateAgentToken',
+            opspawn_dot_opscore_dot_v1_dot_lifecycle__pb2.RotateAgentTokenRequest.SerializeToString,
+            opspawn_dot_opscore_dot_v1_dot_lifecycle__pb2.Agent.FromString,
             options,
             channel_credentials,
             insecure,

@@ -49,6 +49,8 @@ class LifecycleServiceStub:
     """Keeps the agent live; an OFFLINE agent that heartbeats comes back IDLE."""
     WatchAgentStates: _grpc.UnaryStreamMultiCallable[_lifecycle_pb2.WatchAgentStatesRequest, _lifecycle_pb2.WatchAgentStatesResponse]
     """Streams every agent change, resumable from a revision (etcd-style)."""
+    RotateAgentToken: _grpc.UnaryUnaryMultiCallable[_lifecycle_pb2.RotateAgentTokenRequest, _lifecycle_pb2.Agent]
+    """Issues a new agent token and revokes the old one (authentication on only)."""
 
 @_typing.type_check_only
 class LifecycleServiceAsyncStub(LifecycleServiceStub):
@@ -71,6 +73,8 @@ class LifecycleServiceAsyncStub(LifecycleServiceStub):
     """Keeps the agent live; an OFFLINE agent that heartbeats comes back IDLE."""
     WatchAgentStates: _aio.UnaryStreamMultiCallable[_lifecycle_pb2.WatchAgentStatesRequest, _lifecycle_pb2.WatchAgentStatesResponse]  # type: ignore[assignment]
     """Streams every agent change, resumable from a revision (etcd-style)."""
+    RotateAgentToken: _aio.UnaryUnaryMultiCallable[_lifecycle_pb2.RotateAgentTokenRequest, _lifecycle_pb2.Agent]  # type: ignore[assignment]
+    """Issues a new agent token and revokes the old one (authentication on only)."""
 
 class LifecycleServiceServicer(metaclass=_abc_1.ABCMeta):
     """LifecycleService keeps the registry of agents and their reported state, and
@@ -132,5 +136,13 @@ class LifecycleServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_lifecycle_pb2.WatchAgentStatesResponse], _abc.AsyncIterator[_lifecycle_pb2.WatchAgentStatesResponse]]:
         """Streams every agent change, resumable from a revision (etcd-style)."""
+
+    @_abc_1.abstractmethod
+    def RotateAgentToken(
+        self,
+        request: _lifecycle_pb2.RotateAgentTokenRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_lifecycle_pb2.Agent, _abc.Awaitable[_lifecycle_pb2.Agent]]:
+        """Issues a new agent token and revokes the old one (authentication on only)."""
 
 def add_LifecycleServiceServicer_to_server(servicer: LifecycleServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

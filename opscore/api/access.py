@@ -1,0 +1,154 @@
+"""Authorization at the edge: who the caller is, which methods each role may call,
+and a per-caller rate limit. Applied to every RPC by `EdgeInterceptor`."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Any
+
+from opscore.auth import AGENT_TOKEN_PREFIX, ANONYMOUS, OperatorKey, Principal, Role, digest
+from opscore.errors import PermissionDeniedError, RateLimitedError, UnauthenticatedError
+
+# The principal of the RPC being served (set by the interceptor for its task).
+current_principal: ContextVar[Principal] = ContextVar("current_principal", default=ANONYMOUS)
+
+# Health checks and reflection stay open, as load balancers and grpcurl expect.
+OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+
+READERS = frozenset({Role.ADMIN, Role.OPERATOR, Role.VIEWER})
+WRITERS = frozenset({Role.ADMIN, Role.OPERATOR})
+ADMINS = frozenset({Role.ADMIN})
+NOBODY: frozenset[Role] = frozenset()
+
+
+@dataclass(frozen=True)
+class Rule:
+    """Operator roles allowed; `agent_self`: an agent may call it naming its own
+    agent_id; `agent_tasks`: an agent may call it for tasks given to it (the engine
+    checks the attempt belongs to that agent)."""
+
+    roles: frozenset[Role]
+    agent_self: bool = False
+    agent_tasks: bool = False
+
+
+_L, _W, _S = (
+    "/opspawn.opscore.v1.LifecycleService/",
+    "/opspawn.opscore.v1.WorkflowService/",
+    ("/opspawn.opscore.v1.SessionService/"),
+)
+RULES: dict[str, Rule] = {
+    _L + "RegisterAgent": Rule(WRITERS, agent_self=True),
+    _L + "DeregisterAgent": Rule(ADMINS, agent_self=True),
+    _L + "GetAgent": Rule(READERS, agent_self=True),
+    _L + "ListAgents": Rule(READERS),
+    _L + "UpdateAgentState": Rule(NOBODY, agent_self=True),
+    _L + "Heartbeat": Rule(NOBODY, agent_self=True),
+    _L + "WatchAgentStates": Rule(READERS),
+    _L + "RotateAgentToken": Rule(ADMINS),
+    _W + "CreateWorkflowDefinition": Rule(WRITERS),
+    _W + "GetWorkflowDefinition": Rule(READERS),
+    _W + "ListWorkflowDefinitions": Rule(READERS),
+    _W + "DeleteWorkflowDefinition": Rule(WRITERS),
+    _W + "StartWorkflow": Rule(WRITERS),
+    _W + "StreamTasks": Rule(NOBODY, agent_self=True),
+    _W + "CompleteTask": Rule(NOBODY, agent_tasks=True),
+    _W + "FailTask": Rule(NOBODY, agent_tasks=True),
+    _W + "HeartbeatTask": Rule(NOBODY, agent_tasks=True),
+    _S + "GetSession": Rule(READERS),
+    _S + "ListSessions": Rule(READERS),
+    _S + "CancelSession": Rule(WRITERS),
+    _S + "ListSessionEvents": Rule(READERS),
+    _S + "WatchSession": Rule(READERS),
+}
+
+
+class TokenBuckets:
+    """Per-caller token buckets: `rate` requests a second, bursts up to `burst`."""
+
+    def __init__(self, rate: float, burst: float) -> None:
+        self._rate = rate
+        self._burst = max(burst, 1.0)
+        self._buckets: dict[str, tuple[float, float]] = {}
+
+    def take(self, who: str) -> None:
+        if self._rate <= 0:
+            return
+        now = time.monotonic()
+        tokens, last = self._buckets.get(who, (self._burst, now))
+        tokens = min(self._burst, tokens + (now - last) * self._rate)
+        if tokens < 1.0:
+            self._buckets[who] = (tokens, now)
+            wait = (1.0 - tokens) / self._rate
+            raise RateLimitedError(
+                f"rate limit of {self._rate:g} requests/s exceeded; retry in {wait:.3f}s", wait
+            )
+        self._buckets[who] = (tokens - 1.0, now)
+
+
+class Access:
+    def __init__(
+        self,
+        keys: Sequence[OperatorKey],
+        agent_for_token: Callable[[str], str | None],
+        rate: float = 0.0,
+        burst: float = 0.0,
+    ) -> None:
+        self._agent_for_token = agent_for_token
+        self._limits = TokenBuckets(rate, burst or 2 * rate)
+        self._keys: dict[str, OperatorKey] = {}
+        self.replace_keys(keys)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self._keys)
+
+    def replace_keys(self, keys: Sequence[OperatorKey]) -> None:
+        """Swaps the operator keys (rotation and revocation without a restart)."""
+        self._keys = {k.sha256: k for k in keys}
+
+    def authenticate(self, metadata: Sequence[tuple[str, Any]] | None) -> Principal:
+        """The caller named by `authorization: Bearer <token>`; the token itself never
+        appears in an error or a log line."""
+        if not self.enabled:
+            return ANONYMOUS
+        header = next((str(v) for k, v in metadata or () if k == "authorization"), "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise UnauthenticatedError("missing credentials: send 'authorization: Bearer <token>'")
+        token = token.strip()
+        if token.startswith(AGENT_TOKEN_PREFIX):
+            agent_id = self._agent_for_token(token)
+            if agent_id is not None:
+                return Principal(agent_id, Role.AGENT, agent_id)
+        else:
+            key = self._keys.get(digest(token))
+            if key is not None:
+                return Principal(key.name, key.role)
+        raise UnauthenticatedError("unknown or revoked token")
+
+    def authorize(self, method: str, principal: Principal, request: Any) -> None:
+        if principal is ANONYMOUS:
+            return
+        rule = RULES.get(method)
+        if rule is None:
+            raise PermissionDeniedError(f"{method} is not open to any caller")
+        if principal.role is Role.AGENT:
+            if rule.agent_tasks:
+                return
+            if rule.agent_self and getattr(request, "agent_id", None) == principal.agent_id:
+                return
+            raise PermissionDeniedError(
+                f"agent {principal.agent_id} may only act for itself", method=method
+            )
+        if principal.role not in rule.roles:
+            raise PermissionDeniedError(
+                f"role {principal.role.value} may not call {method.rsplit('/', 1)[-1]}",
+                method=method,
+            )
+
+    def admit(self, who: str) -> None:
+        self._limits.take(who)
