@@ -181,11 +181,11 @@ class Lifecycle:
         size = paging.page_size(page_size)
         fp = paging.fingerprint(sorted(flt.states), flt.capability, sorted(flt.agent_ids))
         after = paging.decode(page_token, fp)
-        agents = await self._store.list_agents(flt, after, size + 1)
+        agents, revision = await self._store.list_agents(flt, after, size + 1)
         if len(agents) <= size:
-            return Page(agents, "")
+            return Page(agents, "", revision)
         agents = agents[:size]
-        return Page(agents, paging.encode(agents[-1].agent_id, fp))
+        return Page(agents, paging.encode(agents[-1].agent_id, fp), revision)
 
     # -- state reports -----------------------------------------------------------
 

@@ -117,6 +117,8 @@ class Page(Generic[T]):
 
     items: list[T]
     next_page_token: str
+    # The store revision the page is consistent with (agent lists only).
+    revision: int = 0
 
 
 @dataclass(frozen=True)

@@ -110,6 +110,8 @@ class Assignment:
     agent_capability: str
     payload: JsonObject
     deadline: datetime
+    # Seconds each HeartbeatTask extends the lease by (the task's timeout).
+    lease: float
 
 
 @dataclass(frozen=True)
@@ -203,6 +205,7 @@ class Run:
             agent_capability=task.spec.agent_capability,
             payload=payload,
             deadline=task.lease_expires_at,
+            lease=task.spec.timeout,
         )
 
     def complete(self, key: TaskKey, output: JsonObject, now: datetime) -> None:

@@ -12,7 +12,7 @@ from opscore.config import Settings
 from opscore.errors import InvalidArgumentError, SessionNotFoundError
 from opscore.hub import Hub
 from opscore.models import Page
-from opscore.runs import Run, RunFilter, SessionEvent, SessionEventType
+from opscore.runs import FINISHED, Run, RunFilter, SessionEvent, SessionEventType
 from opscore.store.base import Store
 
 log = logging.getLogger(__name__)
@@ -81,7 +81,7 @@ class SessionTracker:
             return event.session_id == session_id
 
         with self._hub.subscribe(mine, self._settings.watch_buffer) as live:
-            await self.get(session_id)
+            run = await self.get(session_id)
             last = since_sequence
             while True:
                 history = await self._store.list_session_events(session_id, last, HISTORY_BATCH)
@@ -94,6 +94,8 @@ class SessionTracker:
                 last = history[-1].sequence
             if history:
                 last = history[-1].sequence
+            if run.status in FINISHED and last >= run.last_sequence:
+                return  # resumed after the terminal event: nothing more will come
             while True:
                 for event in await live.next_batch(HISTORY_BATCH):
                     if event.sequence <= last:

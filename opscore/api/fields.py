@@ -13,6 +13,20 @@ from opscore.errors import FieldViolation, InvalidArgumentError
 from opscore.models import ID_PATTERN, MAX_ID_LENGTH
 
 MAX_STRUCT_BYTES = 16 * 1024
+MAX_STRUCT_DEPTH = 32
+
+
+def _depth(value: struct_pb2.Struct | struct_pb2.ListValue) -> int:
+    """Nesting depth of a Struct or ListValue (1 for a flat one)."""
+    values = value.fields.values() if isinstance(value, struct_pb2.Struct) else value.values
+    deepest = 0
+    for item in values:
+        kind = item.WhichOneof("kind")
+        if kind == "struct_value":
+            deepest = max(deepest, _depth(item.struct_value))
+        elif kind == "list_value":
+            deepest = max(deepest, _depth(item.list_value))
+    return 1 + deepest
 
 
 class Violations:
@@ -44,10 +58,14 @@ class Violations:
         if value not in {int(a) for a in names}:
             self.add(field, f"must be one of {', '.join(a.name for a in names)} (got {value})")
 
-    def struct(self, field: str, value: struct_pb2.Struct) -> None:
+    def struct(
+        self, field: str, value: struct_pb2.Struct, max_bytes: int = MAX_STRUCT_BYTES
+    ) -> None:
         size = value.ByteSize()
-        if size > MAX_STRUCT_BYTES:
-            self.add(field, f"must be at most {MAX_STRUCT_BYTES} bytes serialized (got {size})")
+        if size > max_bytes:
+            self.add(field, f"must be at most {max_bytes} bytes serialized (got {size})")
+        elif _depth(value) > MAX_STRUCT_DEPTH:
+            self.add(field, f"must nest at most {MAX_STRUCT_DEPTH} levels deep")
 
     def raise_if_any(self) -> None:
         if self._items:

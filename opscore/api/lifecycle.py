@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import AsyncIterator
+from datetime import timedelta
 from typing import Any
 
 import grpc
@@ -79,6 +80,7 @@ class LifecycleServicer(lifecycle_pb2_grpc.LifecycleServiceServicer):
         return pb.ListAgentsResponse(
             agents=[convert.agent_to_proto(a) for a in page.items],
             next_page_token=page.next_page_token,
+            revision=page.revision,
         )
 
     async def UpdateAgentState(
@@ -103,6 +105,7 @@ class LifecycleServicer(lifecycle_pb2_grpc.LifecycleServiceServicer):
             liveness_timeout_seconds=max(1, int(self._lifecycle.liveness_timeout)),
         )
         set_time(response.server_time, agent.last_heartbeat_at)
+        response.liveness_timeout.FromTimedelta(timedelta(seconds=self._lifecycle.liveness_timeout))
         return response
 
     async def WatchAgentStates(

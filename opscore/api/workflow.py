@@ -30,6 +30,8 @@ class WorkflowServicer(workflow_pb2_grpc.WorkflowServiceServicer):
         v = Violations()
         if not request.HasField("definition"):
             v.add("definition", "is required")
+        for i, task in enumerate(request.definition.tasks):
+            v.struct(f"definition.tasks[{i}].parameters", task.parameters, MAX_INPUT_BYTES)
         v.raise_if_any()
         created = await self._engine.create_definition(
             convert.definition_from_proto(request.definition)
@@ -73,8 +75,10 @@ class WorkflowServicer(workflow_pb2_grpc.WorkflowServiceServicer):
         v.text("workflow_definition_version", request.workflow_definition_version, max_len=64)
         v.identifier("agent_id", request.agent_id, required=False)
         v.text("request_id", request.request_id, max_len=256)
-        if request.input.ByteSize() > MAX_INPUT_BYTES:
-            v.add("input", f"must be at most {MAX_INPUT_BYTES} bytes serialized")
+        v.struct("input", request.input, MAX_INPUT_BYTES)
+        if source == "definition":
+            for i, task in enumerate(request.definition.tasks):
+                v.struct(f"definition.tasks[{i}].parameters", task.parameters, MAX_INPUT_BYTES)
         v.raise_if_any()
         definition = (
             convert.definition_from_proto(request.definition)
@@ -110,8 +114,7 @@ class WorkflowServicer(workflow_pb2_grpc.WorkflowServiceServicer):
     ) -> workflow_pb2.CompleteTaskResponse:
         v = Violations()
         v.text("task_token", request.task_token, max_len=1024, required=True)
-        if request.output.ByteSize() > MAX_INPUT_BYTES:
-            v.add("output", f"must be at most {MAX_INPUT_BYTES} bytes serialized")
+        v.struct("output", request.output, MAX_INPUT_BYTES)
         v.raise_if_any()
         await self._engine.complete_task(
             request.task_token, struct_to_dict(request.output), _caller()

@@ -104,6 +104,7 @@ def assignment_to_proto(a: Assignment, token: str) -> workflow_pb2.TaskAssignmen
     )
     dict_to_struct(a.payload, msg.payload)
     set_time(msg.deadline, a.deadline)
+    _duration(a.lease, msg.lease)
     return msg
 
 

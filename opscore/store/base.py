@@ -58,8 +58,11 @@ class Store(ABC):
         """Every agent token's SHA-256, mapped to its agent id."""
 
     @abstractmethod
-    async def list_agents(self, flt: AgentFilter, after_id: str, limit: int) -> list[Agent]:
-        """Agents matching `flt` with agent_id > after_id, ordered by agent_id."""
+    async def list_agents(
+        self, flt: AgentFilter, after_id: str, limit: int
+    ) -> tuple[list[Agent], int]:
+        """Agents matching `flt` with agent_id > after_id, ordered by agent_id, and the
+        revision they are consistent with."""
 
     @abstractmethod
     async def snapshot_agents(self, flt: AgentFilter) -> tuple[list[Agent], int]:

@@ -328,16 +328,18 @@ class SqliteStore(Store):
             params.append(flt.capability)
         return " AND ".join(clauses) or "1", params
 
-    async def list_agents(self, flt: AgentFilter, after_id: str, limit: int) -> list[Agent]:
+    async def list_agents(
+        self, flt: AgentFilter, after_id: str, limit: int
+    ) -> tuple[list[Agent], int]:
         where, params = self._filter_sql(flt)
 
-        def read(conn: sqlite3.Connection) -> list[Agent]:
+        def read(conn: sqlite3.Connection) -> tuple[list[Agent], int]:
             rows = conn.execute(
                 f"SELECT {AGENT_COLUMNS} FROM agents WHERE agent_id > ? AND {where} "
                 "ORDER BY agent_id LIMIT ?",
                 (after_id, *params, limit),
             ).fetchall()
-            return [agent_from_row(r) for r in rows]
+            return [agent_from_row(r) for r in rows], self._read_revision(conn)
 
         return await self._read(read)
 

@@ -109,7 +109,8 @@ async def test_refused_change_rolls_back_alone_in_a_batch(store: Store) -> None:
     )
     assert isinstance(results[-1], AgentNotFoundError)
     assert all(isinstance(r, tuple) for r in results[:-1])
-    agents = await store.list_agents(AgentFilter(), "", 100)
+    agents, revision = await store.list_agents(AgentFilter(), "", 100)
+    assert revision == 100
     assert len(agents) == 50 and all(a.state is AgentState.BUSY for a in agents)
     events, _ = await store.agent_events_after(0, 1000)
     assert [e.revision for e in events] == list(range(1, 101))  # no gap from the refusal
@@ -128,7 +129,11 @@ async def test_list_filters_and_cursor(store: Store) -> None:
     for i, caps in enumerate([("x",), ("y",), ("x", "y")]):
         await store.change_agent(f"a{i}", create(new_agent(f"a{i}", caps)))
     await store.change_agent("a1", set_state(AgentState.IDLE))
-    ids = lambda agents: [a.agent_id for a in agents]  # noqa: E731
+
+    def ids(listed: tuple[list[Agent], int] | list[Agent]) -> list[str]:
+        agents = listed[0] if isinstance(listed, tuple) else listed
+        return [a.agent_id for a in agents]
+
     assert ids(await store.list_agents(AgentFilter(capability="x"), "", 10)) == ["a0", "a2"]
     assert ids(
         await store.list_agents(AgentFilter(states=frozenset({AgentState.IDLE})), "", 10)

@@ -5,6 +5,7 @@ isort:skip_file
 
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
+from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
 from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
@@ -361,8 +362,14 @@ class ListAgentsResponse(_message.Message):
 
     AGENTS_FIELD_NUMBER: _builtins.int
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    REVISION_FIELD_NUMBER: _builtins.int
     next_page_token: _builtins.str
     """Empty on the last page."""
+    revision: _builtins.int
+    """The store revision this page is consistent with: watch with
+    since_revision = revision to follow changes after the list (Kubernetes-style
+    list-then-watch).
+    """
     @_builtins.property
     def agents(self) -> _containers.RepeatedCompositeFieldContainer[Global___Agent]: ...
     def __init__(
@@ -370,10 +377,11 @@ class ListAgentsResponse(_message.Message):
         *,
         agents: _abc.Iterable[Global___Agent] | None = ...,
         next_page_token: _builtins.str = ...,
+        revision: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agents", b"agents", "next_page_token", b"next_page_token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agents", b"agents", "next_page_token", b"next_page_token", "revision", b"revision"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -444,22 +452,30 @@ class HeartbeatResponse(_message.Message):
     STATE_FIELD_NUMBER: _builtins.int
     LIVENESS_TIMEOUT_SECONDS_FIELD_NUMBER: _builtins.int
     SERVER_TIME_FIELD_NUMBER: _builtins.int
+    LIVENESS_TIMEOUT_FIELD_NUMBER: _builtins.int
     state: Global___AgentState.ValueType
     """The agent's state after the heartbeat."""
     liveness_timeout_seconds: _builtins.int
-    """Send the next heartbeat within this many seconds to stay live."""
+    """Send the next heartbeat within this many seconds to stay live (rounded down;
+    see liveness_timeout for the exact value).
+    """
     @_builtins.property
     def server_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def liveness_timeout(self) -> _duration_pb2.Duration:
+        """Send the next heartbeat within this time to stay live."""
+
     def __init__(
         self,
         *,
         state: Global___AgentState.ValueType = ...,
         liveness_timeout_seconds: _builtins.int = ...,
         server_time: _timestamp_pb2.Timestamp | None = ...,
+        liveness_timeout: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["server_time", b"server_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["liveness_timeout", b"liveness_timeout", "server_time", b"server_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["liveness_timeout_seconds", b"liveness_timeout_seconds", "server_time", b"server_time", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["liveness_timeout", b"liveness_timeout", "liveness_timeout_seconds", b"liveness_timeout_seconds", "server_time", b"server_time", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -379,6 +379,7 @@ class TaskAssignment(_message.Message):
     PAYLOAD_FIELD_NUMBER: _builtins.int
     ATTEMPT_FIELD_NUMBER: _builtins.int
     DEADLINE_FIELD_NUMBER: _builtins.int
+    LEASE_FIELD_NUMBER: _builtins.int
     task_token: _builtins.str
     """Opaque; binds task and attempt. Pass it to Complete/Fail/HeartbeatTask."""
     task_id: _builtins.str
@@ -396,6 +397,12 @@ class TaskAssignment(_message.Message):
     def deadline(self) -> _timestamp_pb2.Timestamp:
         """The lease ends here unless extended by HeartbeatTask."""
 
+    @_builtins.property
+    def lease(self) -> _duration_pb2.Duration:
+        """The lease length: each HeartbeatTask extends the lease by this much (the
+        task's timeout), so heartbeat well within it.
+        """
+
     def __init__(
         self,
         *,
@@ -408,10 +415,11 @@ class TaskAssignment(_message.Message):
         payload: _struct_pb2.Struct | None = ...,
         attempt: _builtins.int = ...,
         deadline: _timestamp_pb2.Timestamp | None = ...,
+        lease: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["deadline", b"deadline", "payload", b"payload"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["deadline", b"deadline", "lease", b"lease", "payload", b"payload"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_capability", b"agent_capability", "attempt", b"attempt", "deadline", b"deadline", "name", b"name", "payload", b"payload", "session_id", b"session_id", "task_id", b"task_id", "task_token", b"task_token", "workflow_id", b"workflow_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_capability", b"agent_capability", "attempt", b"attempt", "deadline", b"deadline", "lease", b"lease", "name", b"name", "payload", b"payload", "session_id", b"session_id", "task_id", b"task_id", "task_token", b"task_token", "workflow_id", b"workflow_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
