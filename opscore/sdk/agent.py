@@ -26,6 +26,7 @@ import signal
 import uuid
 from collections.abc import Awaitable, Callable, Iterable
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any, TypeVar
 
 from opscore.errors import (
@@ -131,8 +132,19 @@ class Agent:
         version: str = "",
         metadata: dict[str, str] | None = None,
         timeout: float = 10.0,
+        token: str | None = None,
+        tls_ca: str | Path | None = None,
+        tls_cert: str | Path | None = None,
+        tls_key: str | Path | None = None,
     ) -> None:
         self.address = address
+        # This agent's token (issued when an operator registered it) and TLS files.
+        self._credentials: dict[str, Any] = {
+            "token": token,
+            "tls_ca": tls_ca,
+            "tls_cert": tls_cert,
+            "tls_key": tls_key,
+        }
         self.agent_id = agent_id or f"agent-{uuid.uuid4().hex[:12]}"
         self.name = name or self.agent_id
         self.max_in_flight = max_in_flight
@@ -196,7 +208,7 @@ class Agent:
         stop = self._stop_event = asyncio.Event()
         if self._stop_requested:
             stop.set()
-        async with OpsCoreClient(self.address, timeout=self.timeout) as client:
+        async with OpsCoreClient(self.address, timeout=self.timeout, **self._credentials) as client:
             while not stop.is_set():
                 try:
                     await self._serve(client, stop)

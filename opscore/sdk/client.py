@@ -14,6 +14,7 @@ import random
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from datetime import datetime
+from pathlib import Path
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
@@ -69,16 +70,75 @@ async def _paged(fetch: Callable[[str], Awaitable[tuple[Sequence[T], str]]]) -> 
             return
 
 
+class _Bearer:
+    """Adds `authorization: Bearer <token>` to a call's metadata."""
+
+    def __init__(self, token: str) -> None:
+        self._header = ("authorization", f"Bearer {token}")
+
+    def _details(self, details: Any) -> Any:
+        metadata = grpc.aio.Metadata(*(details.metadata or ()))
+        metadata.add(*self._header)
+        return details._replace(metadata=metadata)
+
+
+# grpc.aio files each interceptor under its first matching kind only, hence one class
+# per kind.
+class _BearerUnary(_Bearer, grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[type-arg]
+    async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return await continuation(self._details(details), request)
+
+
+class _BearerStream(_Bearer, grpc.aio.UnaryStreamClientInterceptor):  # type: ignore[type-arg]
+    async def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        return await continuation(self._details(details), request)
+
+
+def open_channel(
+    address: str,
+    token: str | None = None,
+    tls_ca: str | Path | None = None,
+    tls_cert: str | Path | None = None,
+    tls_key: str | Path | None = None,
+) -> grpc.aio.Channel:
+    """A channel with the caller's credentials: a bearer token (operator key or agent
+    token) and, when any TLS file is given, TLS (mutual with a client cert and key)."""
+    interceptors: Any = [_BearerUnary(token), _BearerStream(token)] if token else None
+    if tls_ca is None and tls_cert is None and tls_key is None:
+        return grpc.aio.insecure_channel(
+            address, options=CHANNEL_OPTIONS, interceptors=interceptors
+        )
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=Path(tls_ca).read_bytes() if tls_ca else None,
+        private_key=Path(tls_key).read_bytes() if tls_key else None,
+        certificate_chain=Path(tls_cert).read_bytes() if tls_cert else None,
+    )
+    return grpc.aio.secure_channel(
+        address, credentials, options=CHANNEL_OPTIONS, interceptors=interceptors
+    )
+
+
 class OpsCoreClient:
-    """An async client for one Ops-Core server; use `async with` or call `close()`."""
+    """An async client for one Ops-Core server; use `async with` or call `close()`.
+
+    `token` is an operator key or an agent token (when the server has authentication
+    on); `tls_ca` (plus `tls_cert`/`tls_key` for mutual TLS) switches to TLS."""
 
     def __init__(
-        self, address: str = "127.0.0.1:50051", *, timeout: float = 10.0, retries: int = 3
+        self,
+        address: str = "127.0.0.1:50051",
+        *,
+        timeout: float = 10.0,
+        retries: int = 3,
+        token: str | None = None,
+        tls_ca: str | Path | None = None,
+        tls_cert: str | Path | None = None,
+        tls_key: str | Path | None = None,
     ) -> None:
         self.address = address
         self.timeout = timeout
         self.retries = retries
-        self._channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self._channel = open_channel(address, token, tls_ca, tls_cert, tls_key)
         self._lifecycle = lifecycle_pb2_grpc.LifecycleServiceStub(self._channel)
         self._workflow = workflow_pb2_grpc.WorkflowServiceStub(self._channel)
         self._sessions = session_pb2_grpc.SessionServiceStub(self._channel)
@@ -139,6 +199,13 @@ class OpsCoreClient:
         )
         msg = await self._call(self._lifecycle.RegisterAgent, request, idempotent=bool(agent_id))
         return convert.agent(msg)
+
+    async def rotate_agent_token(self, agent_id: str) -> types.Agent:
+        """Issues a new token for the agent (in `agent_token`); the old one stops working."""
+        request = lifecycle_pb2.RotateAgentTokenRequest(agent_id=agent_id)
+        return convert.agent(
+            await self._call(self._lifecycle.RotateAgentToken, request, idempotent=False)
+        )
 
     async def deregister_agent(self, agent_id: str) -> types.Agent:
         """Removes the agent; returns its last snapshot."""

@@ -121,6 +121,7 @@ def agent(msg: lifecycle_pb2.Agent) -> types.Agent:
         last_heartbeat_at=_required_time(msg, "last_heartbeat_at"),
         state_observed_at=_time(msg, "state_observed_at"),
         revision=msg.revision,
+        agent_token=msg.agent_token,
     )
 
 

@@ -46,8 +46,14 @@ class SyncOpsCoreClient:
     """The OpsCoreClient API with blocking calls; use `with` or call `close()`."""
 
     def __init__(
-        self, address: str = "127.0.0.1:50051", *, timeout: float = 10.0, retries: int = 3
+        self,
+        address: str = "127.0.0.1:50051",
+        *,
+        timeout: float = 10.0,
+        retries: int = 3,
+        **credentials: Any,
     ) -> None:
+        """`credentials`: token, tls_ca, tls_cert, tls_key, as for OpsCoreClient."""
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
             target=self._loop.run_forever, name="opscore-sdk", daemon=True
@@ -56,7 +62,7 @@ class SyncOpsCoreClient:
 
         async def make() -> OpsCoreClient:
             # grpc.aio binds a channel to the loop it is created on.
-            return OpsCoreClient(address, timeout=timeout, retries=retries)
+            return OpsCoreClient(address, timeout=timeout, retries=retries, **credentials)
 
         self._client = self._run(make())
 

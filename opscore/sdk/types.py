@@ -6,7 +6,7 @@ domain's own (`AgentState`, `SessionStatus`, ...), which mirror the proto number
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -41,6 +41,9 @@ class Agent:
     last_heartbeat_at: datetime
     state_observed_at: datetime | None
     revision: int
+    # Set only by the call that issued it (first registration, token rotation) when
+    # the server has authentication on; keep it, it is never shown again.
+    agent_token: str = field(default="", repr=False)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,59 @@
+"""The SDK against a server with authentication on: operator keys, the agent token
+issued at registration, and an Agent worker that uses it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+from opscore import errors
+from opscore.auth import Role, new_operator_key
+from opscore.config import Settings
+from opscore.sdk import Agent, OpsCoreClient, SessionStatus, TaskContext
+
+if TYPE_CHECKING:
+    from conftest import StartServer
+
+    from tests.sdk.conftest import RunAgent
+
+SAMPLE = Path(__file__).resolve().parents[2] / "examples" / "sample_workflow.json"
+
+
+async def test_agent_worker_runs_with_its_own_token(
+    start_server: StartServer, live_settings: Settings, run_agent: RunAgent
+) -> None:
+    """An operator registers the agent and hands it the token; the worker runs the
+    sample workflow with that token alone; a client without a key is refused."""
+    admin_key, admin = new_operator_key("ops", Role.ADMIN)
+    server = await start_server(
+        live_settings.model_copy(update={"api_keys": f"ops:admin:{admin.sha256}"})
+    )
+    async with OpsCoreClient(server.address, token=admin_key, timeout=5) as operator:
+        registered = await operator.register_agent(
+            "Worker",
+            capabilities=["test_capability", "another_capability"],
+            agent_id="worker-1",
+        )
+        assert registered.agent_token.startswith("oat_")
+        agent = Agent(server.address, agent_id="worker-1", token=registered.agent_token)
+
+        @agent.handler("test_capability")
+        async def step_1(ctx: TaskContext) -> dict[str, Any]:
+            return {"seen": ctx.input["doc"]}
+
+        @agent.handler("another_capability")
+        async def step_2(ctx: TaskContext) -> dict[str, Any]:
+            return {"upstream": ctx.upstream["step_1"]["seen"]}
+
+        run_agent(agent)
+        await operator.create_workflow(SAMPLE)
+        session = await operator.start_workflow("sample_workflow_id", input={"doc": "x"})
+        done = await operator.wait_session(session.session_id)
+        assert done.status is SessionStatus.COMPLETED
+        assert done.output == {"step_2": {"upstream": "x"}}
+
+    async with OpsCoreClient(server.address, timeout=5) as anonymous:
+        with pytest.raises(errors.UnauthenticatedError):
+            await anonymous.get_agent("worker-1")
