@@ -22,7 +22,7 @@ from opscore.errors import (
     ShuttingDownError,
 )
 from opscore.models import Agent, AgentEvent, AgentEventType, AgentState
-from opscore.runs import Assignment, Offer, TaskKey
+from opscore.runs import Assignment, Claim, Offer, TaskKey
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ class TaskStream:
 class Queue(Protocol):
     """What the dispatcher needs of the workflow engine."""
 
-    async def claim(self, offers: list[Offer]) -> list[tuple[int, Assignment]]: ...
+    async def claim(self, offers: list[Offer]) -> Claim: ...
 
     async def requeue(self, keys: Iterable[TaskKey], reason: str, lost: bool) -> None: ...
 
@@ -85,6 +85,10 @@ class Dispatcher:
         self._agents: dict[str, Agent] = {}
         self._holders: dict[TaskKey, TaskStream] = {}
         self._wake = asyncio.Event()
+        # Capabilities known to have nothing claimable, and the count of new-work
+        # wake-ups that invalidate that knowledge.
+        self._exhausted: set[str] = set()
+        self._work_generation = 0
         self._background: set[asyncio.Task[Any]] = set()
         self._closed = False
 
@@ -130,7 +134,9 @@ class Dispatcher:
             stream = self._holders.pop(key, None)
             if stream is not None:
                 stream.in_flight.discard(key)
-                self.wake()
+                agent = self._agents.get(stream.agent_id)
+                if agent is not None and not set(agent.capabilities) <= self._exhausted:
+                    self._wake.set()  # this slot may fit work still waiting
 
     def on_commit(self, events: list[Any]) -> None:
         """Follows agent state: eligibility, capabilities, and lost agents' tasks."""
@@ -151,6 +157,9 @@ class Dispatcher:
     # -- the loop ----------------------------------------------------------------
 
     def wake(self) -> None:
+        """New work may be claimable (ready tasks, new streams, agent changes)."""
+        self._work_generation += 1
+        self._exhausted.clear()
         self._wake.set()
 
     async def run(self) -> None:
@@ -171,14 +180,16 @@ class Dispatcher:
                 continue
             for stream in streams:
                 if stream.closed is None and stream.free_slots() > 0:
-                    offers.append(
-                        Offer(agent_id, frozenset(agent.capabilities), stream.free_slots())
-                    )
+                    offers.append(Offer(agent_id, agent.capabilities, stream.free_slots()))
                     targets.append(stream)
         if not offers:
             return
+        generation = self._work_generation
+        claim = await self._queue.claim(offers)
+        if generation == self._work_generation:
+            self._exhausted |= claim.exhausted
         orphans: list[TaskKey] = []
-        for index, assignment in await self._queue.claim(offers):
+        for index, assignment in claim.assignments:
             stream = targets[index]
             if stream.closed is not None:
                 orphans.append(assignment.key)

@@ -128,8 +128,19 @@ class Offer:
     """Free capacity of one connected agent, offered to the queue."""
 
     agent_id: str
-    capabilities: frozenset[str]
+    capabilities: tuple[str, ...]
     slots: int
+
+
+@dataclass(frozen=True)
+class Claim:
+    """What one dispatch pass took from the queue."""
+
+    assignments: list[tuple[int, Assignment]]  # (offer index, assignment)
+    runs: list[Run]
+    # Offered capabilities with nothing left to claim now: until new work arrives, a
+    # freed slot of an agent with only these capabilities needs no new pass.
+    exhausted: frozenset[str]
 
 
 @dataclass

@@ -26,7 +26,7 @@ from opscore.errors import (
 )
 from opscore.lifecycle import Lifecycle
 from opscore.models import JsonObject, Page
-from opscore.runs import Assignment, Offer, Run, TaskKey
+from opscore.runs import Claim, Offer, Run, TaskKey
 from opscore.store.base import Store
 from opscore.tokens import TaskTokens
 
@@ -43,6 +43,9 @@ class WorkflowEngine:
         self._settings = settings
         self._lifecycle = lifecycle
         self._rng = random.Random()
+        # Definitions by (id, version); version "" is the newest. Dropped on every
+        # create or delete of that id.
+        self._definitions: dict[tuple[str, str], WorkflowDefinition] = {}
         self._tokens: TaskTokens | None = None
         self.dispatcher = Dispatcher(
             self, lifecycle.ready_for_work, settings.max_task_streams_per_agent
@@ -68,13 +71,24 @@ class WorkflowEngine:
     async def create_definition(self, definition: WorkflowDefinition) -> WorkflowDefinition:
         definitions.validate(definition)
         stamped = dataclasses.replace(definition, created_at=self._clock.now())
-        return await self._store.create_definition(stamped)
+        created = await self._store.create_definition(stamped)
+        self._forget_definition(definition.id)
+        return created
 
     async def get_definition(self, definition_id: str, version: str) -> WorkflowDefinition:
-        found = await self._store.get_definition(definition_id, version)
+        found = self._definitions.get((definition_id, version))
         if found is None:
-            raise WorkflowDefinitionNotFoundError(definition_id, version)
+            found = await self._store.get_definition(definition_id, version)
+            if found is None:
+                raise WorkflowDefinitionNotFoundError(definition_id, version)
+            if len(self._definitions) >= 1024:
+                self._definitions.clear()
+            self._definitions[(definition_id, version)] = found
         return found
+
+    def _forget_definition(self, definition_id: str) -> None:
+        for key in [k for k in self._definitions if k[0] == definition_id]:
+            del self._definitions[key]
 
     async def list_definitions(self, page_size: int, page_token: str) -> Page[WorkflowDefinition]:
         size = paging.page_size(page_size)
@@ -89,7 +103,9 @@ class WorkflowEngine:
         return Page(found[:size], paging.encode(f"{last.id}\x00{last.version}", "definitions"))
 
     async def delete_definition(self, definition_id: str, version: str) -> None:
-        if not await self._store.delete_definition(definition_id, version):
+        deleted = await self._store.delete_definition(definition_id, version)
+        self._forget_definition(definition_id)
+        if not deleted:
             raise WorkflowDefinitionNotFoundError(definition_id, version)
 
     # -- runs --------------------------------------------------------------------
@@ -120,7 +136,7 @@ class WorkflowEngine:
         run = Run.start(str(uuid.uuid4()), resolved, input, agent_id, request_id, self._clock.now())
         stored, created = await self._store.create_run(run)
         if created:
-            log.info(
+            log.debug(
                 "session started",
                 extra={"session_id": stored.session_id, "workflow_id": resolved.id},
             )
@@ -174,14 +190,14 @@ class WorkflowEngine:
 
     # -- the queue (used by the dispatcher and the scheduler) ---------------------
 
-    async def claim(self, offers: list[Offer]) -> list[tuple[int, Assignment]]:
+    async def claim(self, offers: list[Offer]) -> Claim:
         now = self._clock.now()
-        claimed, runs = await self._store.claim_tasks(
+        claim = await self._store.claim_tasks(
             offers, now, lambda run, task_id, agent_id: run.dispatch(task_id, agent_id, now)
         )
-        for run in runs:
+        for run in claim.runs:
             self._notify(run)
-        return claimed
+        return claim
 
     async def requeue(self, keys: Iterable[TaskKey], reason: str, lost: bool) -> None:
         now = self._clock.now()

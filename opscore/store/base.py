@@ -9,7 +9,7 @@ from typing import Any, TypeVar
 
 from opscore.definitions import WorkflowDefinition
 from opscore.models import Agent, AgentChange, AgentEvent, AgentFilter
-from opscore.runs import Assignment, Offer, Run, RunFilter, SessionEvent, TaskKey
+from opscore.runs import Assignment, Claim, Offer, Run, RunFilter, SessionEvent, TaskKey
 
 # Runs inside the store's write transaction: sees the current row (or None) and
 # decides the change. Raising an OpsCoreError rolls back only this change.
@@ -124,10 +124,10 @@ class Store(ABC):
         offers: list[Offer],
         now: datetime,
         dispatch: Callable[[Run, str, str], Assignment],
-    ) -> tuple[list[tuple[int, Assignment]], list[Run]]:
+    ) -> Claim:
         """Matches ready tasks (oldest first) to the offers' capabilities, pins and
         free slots, applying `dispatch(run, task_id, agent_id)` to each in one
-        transaction; returns (offer index, assignment) pairs and the changed runs."""
+        transaction."""
 
     @abstractmethod
     async def expired_leases(self, now: datetime) -> list[TaskKey]: ...

@@ -4,6 +4,7 @@ structured fields as compact JSON."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from datetime import UTC, datetime
 from typing import Any
@@ -107,6 +108,28 @@ def definition_from_dict(body: dict[str, Any]) -> WorkflowDefinition:
         tasks=tasks,
         created_at=None if created is None else from_micros(created),
     )
+
+
+@functools.lru_cache(maxsize=256)
+def definition_from_json(text: str) -> WorkflowDefinition:
+    """Every run of a workflow stores the same definition text: parse it once."""
+    return definition_from_dict(json.loads(text))
+
+
+_definition_texts: dict[int, tuple[WorkflowDefinition, str]] = {}
+
+
+def definition_to_json(definition: WorkflowDefinition) -> str:
+    """The stored text of a definition, computed once per definition object (the
+    engine hands the same object to every run it starts)."""
+    cached = _definition_texts.get(id(definition))
+    if cached is not None and cached[0] is definition:
+        return cached[1]
+    text = dumps(definition_to_dict(definition))
+    if len(_definition_texts) >= 256:
+        _definition_texts.clear()
+    _definition_texts[id(definition)] = (definition, text)
+    return text
 
 
 def optional_micros(value: datetime | None) -> int | None:

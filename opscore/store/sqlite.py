@@ -11,7 +11,6 @@ writer works.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import sqlite3
@@ -31,7 +30,7 @@ from opscore.errors import (
     WorkflowDefinitionError,
 )
 from opscore.models import Agent, AgentEvent, AgentEventType, AgentFilter, AgentState
-from opscore.runs import Assignment, Offer, Run, RunFilter, SessionEvent, TaskKey
+from opscore.runs import Assignment, Claim, Offer, Run, RunFilter, SessionEvent, TaskKey
 from opscore.store import sqlite_runs as runs_sql
 from opscore.store.base import AgentDecision, Store
 from opscore.store.codec import (
@@ -40,9 +39,8 @@ from opscore.store.codec import (
     agent_from_row,
     agent_to_json,
     agent_to_row,
-    definition_from_dict,
-    definition_to_dict,
-    dumps,
+    definition_from_json,
+    definition_to_json,
     from_micros,
     to_micros,
 )
@@ -411,7 +409,7 @@ class SqliteStore(Store):
                 conn.execute(
                     "INSERT INTO workflow_definitions (id, version, seq, body) VALUES "
                     "(?, ?, (SELECT COALESCE(MAX(seq), 0) + 1 FROM workflow_definitions), ?)",
-                    (definition.id, definition.version, dumps(definition_to_dict(definition))),
+                    (definition.id, definition.version, definition_to_json(definition)),
                 )
             except sqlite3.IntegrityError:
                 raise WorkflowDefinitionError(
@@ -435,7 +433,7 @@ class SqliteStore(Store):
                     "SELECT body FROM workflow_definitions WHERE id = ? ORDER BY seq DESC LIMIT 1",
                     (definition_id,),
                 ).fetchone()
-            return None if row is None else definition_from_dict(json.loads(row[0]))
+            return None if row is None else definition_from_json(row[0])
 
         return await self._read(read)
 
@@ -448,7 +446,7 @@ class SqliteStore(Store):
                 "ORDER BY id, version LIMIT ?",
                 (*after, limit),
             ).fetchall()
-            return [definition_from_dict(json.loads(r[0])) for r in rows]
+            return [definition_from_json(r[0]) for r in rows]
 
         return await self._read(read)
 
@@ -499,24 +497,28 @@ class SqliteStore(Store):
         offers: list[Offer],
         now: datetime,
         dispatch: Callable[[Run, str, str], Assignment],
-    ) -> tuple[list[tuple[int, Assignment]], list[Run]]:
+    ) -> Claim:
         capabilities = sorted({c for o in offers for c in o.capabilities})
         total = sum(o.slots for o in offers)
+        limit = total * 4 + 16
 
-        def job(
-            conn: sqlite3.Connection, events: list[Any]
-        ) -> tuple[list[tuple[int, Assignment]], list[Run]]:
+        def job(conn: sqlite3.Connection, events: list[Any]) -> Claim:
             rows = conn.execute(
                 "SELECT session_id, task_id, capability, pinned_agent FROM tasks "
                 "WHERE ready_at IS NOT NULL AND ready_at <= ? "
                 f"AND capability IN ({', '.join('?' * len(capabilities))}) "
                 "ORDER BY ready_at, rowid LIMIT ?",
-                (to_micros(now), *capabilities, total * 4 + 16),
+                (to_micros(now), *capabilities, limit),
             ).fetchall()
             slots = [o.slots for o in offers]
             runs: dict[str, Run] = {}
             claimed: list[tuple[int, Assignment]] = []
+            left_behind: set[str] = set()
+            seen_all = len(rows) < limit
             for session_id, task_id, capability, pinned in rows:
+                if not any(slots):
+                    seen_all = False
+                    break
                 chosen = next(
                     (
                         i
@@ -528,21 +530,21 @@ class SqliteStore(Store):
                     None,
                 )
                 if chosen is None:
+                    left_behind.add(capability)
                     continue
                 run = runs.get(session_id) or runs_sql.load_run(conn, session_id)
                 assert run is not None
                 runs[session_id] = run
                 claimed.append((chosen, dispatch(run, task_id, offers[chosen].agent_id)))
                 slots[chosen] -= 1
-                if not any(slots):
-                    break
             for run in runs.values():
                 runs_sql.save_run(conn, run)
                 events.extend(run.new_events)
-            return claimed, list(runs.values())
+            exhausted = frozenset(capabilities) - left_behind if seen_all else frozenset()
+            return Claim(claimed, list(runs.values()), exhausted)
 
         if not capabilities or total <= 0:
-            return [], []
+            return Claim([], [], frozenset())
         return await self._write(job)
 
     async def expired_leases(self, now: datetime) -> list[TaskKey]:

@@ -10,8 +10,8 @@ from typing import Any
 
 from opscore.runs import Run, SessionEvent, SessionEventType, SessionStatus, TaskRun, TaskStatus
 from opscore.store.codec import (
-    definition_from_dict,
-    definition_to_dict,
+    definition_from_json,
+    definition_to_json,
     dumps,
     from_micros,
     optional_json,
@@ -42,7 +42,7 @@ def load_run(conn: sqlite3.Connection, session_id: str) -> Run | None:
 
 
 def run_from_rows(conn: sqlite3.Connection, row: Sequence[Any]) -> Run:
-    definition = definition_from_dict(json.loads(row[1]))
+    definition = definition_from_json(row[1])
     run = Run(
         session_id=row[0],
         definition=definition,
@@ -86,7 +86,7 @@ def insert_run(conn: sqlite3.Connection, run: Run) -> None:
             run.session_id,
             run.definition.id,
             run.definition.version,
-            dumps(definition_to_dict(run.definition)),
+            definition_to_json(run.definition),
             run.agent_id,
             int(run.status),
             dumps(run.input),

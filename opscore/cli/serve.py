@@ -1,4 +1,4 @@
-"""The `opscore` command line."""
+"""`opscore serve`: runs the gRPC server in the foreground."""
 
 from __future__ import annotations
 
@@ -12,17 +12,7 @@ from opscore import logs
 from opscore.config import load_settings
 from opscore.errors import OpsCoreError
 
-app = typer.Typer(
-    help="Ops-Core: a gRPC control plane for fleets of AI agents.", no_args_is_help=True
-)
 
-
-@app.callback()
-def _root() -> None:
-    """Ops-Core command line."""
-
-
-@app.command()
 def serve(
     host: Annotated[
         str | None, typer.Option(help="Address to listen on [env OPSCORE_HOST].")
@@ -43,7 +33,3 @@ def serve(
     except OpsCoreError as exc:
         typer.echo(f"opscore: {exc.message}", err=True)
         raise typer.Exit(2) from None
-
-
-def main() -> None:
-    app()

@@ -1,0 +1,88 @@
+"""What the client commands share: the --address and --json options, argument
+parsers, and running SDK calls with one-line errors and exit codes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+from opscore.cli import render
+from opscore.errors import OpsCoreError
+from opscore.sdk import OpsCoreClient
+
+T = TypeVar("T")
+
+DEFAULT_ADDRESS = "127.0.0.1:50051"
+# Largest page a --limit asks for; listing more fetches further pages.
+MAX_PAGE = 100
+
+Address = Annotated[
+    str,
+    typer.Option("--address", envvar="OPSCORE_ADDRESS", help="Server host:port."),
+]
+Json = Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")]
+Limit = Annotated[int | None, typer.Option(min=1, help="Show at most N.")]
+
+
+def json_object(text: str) -> dict[str, Any]:
+    """Parses a JSON object argument such as --input '{"doc": "q3"}'."""
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise typer.BadParameter(f"not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise typer.BadParameter('must be a JSON object, e.g. \'{"key": "value"}\'')
+    return value
+
+
+def key_values(pairs: list[str]) -> dict[str, str]:
+    """Parses repeated `key=value` options (--meta)."""
+    out: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise typer.BadParameter(f"expected key=value, got {pair!r}", param_hint="'--meta'")
+        out[key] = value
+    return out
+
+
+def page_size(limit: int | None) -> int:
+    return min(limit or MAX_PAGE, MAX_PAGE)
+
+
+async def take(items: AsyncIterator[T], limit: int | None) -> list[T]:
+    """The first `limit` items (all without a limit), fetching no page beyond them."""
+    out: list[T] = []
+    async for item in items:
+        out.append(item)
+        if limit is not None and len(out) >= limit:
+            break
+    return out
+
+
+def run(address: str, action: Callable[[OpsCoreClient], Awaitable[T]]) -> T:
+    """Runs `action` with a client on a fresh event loop. An OpsCoreError becomes a
+    one-line message and exit code 1; Ctrl-C exits 130 and a closed pipe (`| head`)
+    exits quietly, both without a traceback."""
+
+    async def main() -> T:
+        async with OpsCoreClient(address) as client:
+            return await action(client)
+
+    try:
+        return asyncio.run(main())
+    except OpsCoreError as exc:
+        render.error(exc, address)
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
+    except BrokenPipeError:
+        # Python would complain again when flushing stdout at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise typer.Exit(1) from None
