@@ -35,7 +35,8 @@ class TaskTokens:
     def read(self, token: str, field: str = "task_token") -> TaskKey:
         """The attempt a token names; INVALID_ARGUMENT if it is not one we issued."""
         body, _, signature = token.partition(".")
-        if not body or not hmac.compare_digest(signature, self._sign(body.encode())):
+        expected = self._sign(body.encode())
+        if not body or not hmac.compare_digest(signature.encode(), expected.encode()):
             raise InvalidArgumentError.single(field, "not a task token issued by this server")
         try:
             session_id, task_id, attempt = json.loads(

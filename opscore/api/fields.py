@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any
 
-from google.protobuf import json_format, struct_pb2, timestamp_pb2
+from google.protobuf import duration_pb2, json_format, struct_pb2, timestamp_pb2
 from google.protobuf.message import Message
 
 from opscore.errors import FieldViolation, InvalidArgumentError
@@ -16,17 +17,19 @@ MAX_STRUCT_BYTES = 16 * 1024
 MAX_STRUCT_DEPTH = 32
 
 
-def _depth(value: struct_pb2.Struct | struct_pb2.ListValue) -> int:
-    """Nesting depth of a Struct or ListValue (1 for a flat one)."""
+def _shape(value: struct_pb2.Struct | struct_pb2.ListValue) -> tuple[int, bool]:
+    """Nesting depth of a Struct or ListValue (1 for a flat one), and whether every
+    number in it is finite (JSON has no NaN or infinity)."""
     values = value.fields.values() if isinstance(value, struct_pb2.Struct) else value.values
-    deepest = 0
+    deepest, finite = 0, True
     for item in values:
         kind = item.WhichOneof("kind")
-        if kind == "struct_value":
-            deepest = max(deepest, _depth(item.struct_value))
-        elif kind == "list_value":
-            deepest = max(deepest, _depth(item.list_value))
-    return 1 + deepest
+        if kind == "number_value":
+            finite = finite and math.isfinite(item.number_value)
+        elif kind in ("struct_value", "list_value"):
+            depth, inner_finite = _shape(getattr(item, kind))
+            deepest, finite = max(deepest, depth), finite and inner_finite
+    return 1 + deepest, finite
 
 
 class Violations:
@@ -64,8 +67,21 @@ class Violations:
         size = value.ByteSize()
         if size > max_bytes:
             self.add(field, f"must be at most {max_bytes} bytes serialized (got {size})")
-        elif _depth(value) > MAX_STRUCT_DEPTH:
+            return
+        depth, finite = _shape(value)
+        if depth > MAX_STRUCT_DEPTH:
             self.add(field, f"must nest at most {MAX_STRUCT_DEPTH} levels deep")
+        if not finite:
+            self.add(field, "numbers must be finite (no NaN or infinity)")
+
+    def duration(self, field: str, value: duration_pb2.Duration) -> None:
+        """A well-formed Duration (nanos within range and of the seconds' sign)."""
+        nanos_ok = -999_999_999 <= value.nanos <= 999_999_999
+        signs_ok = (
+            value.seconds == 0 or value.nanos == 0 or (value.seconds > 0) == (value.nanos > 0)
+        )
+        if not (nanos_ok and signs_ok and abs(value.seconds) <= 315_576_000_000):
+            self.add(field, "is not a valid duration")
 
     def raise_if_any(self) -> None:
         if self._items:
@@ -105,7 +121,11 @@ def set_time(stamp: timestamp_pb2.Timestamp, value: datetime | None) -> None:
 
 
 def optional_time(message: Message, field: str) -> datetime | None:
+    """The timestamp field as an aware datetime; INVALID_ARGUMENT if out of range."""
     if not message.HasField(field):
         return None
     stamp: timestamp_pb2.Timestamp = getattr(message, field)
-    return stamp.ToDatetime(tzinfo=UTC)
+    try:
+        return stamp.ToDatetime(tzinfo=UTC)
+    except (ValueError, OverflowError):
+        raise InvalidArgumentError.single(field, "is not a valid timestamp") from None

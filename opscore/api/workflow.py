@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -30,8 +31,7 @@ class WorkflowServicer(workflow_pb2_grpc.WorkflowServiceServicer):
         v = Violations()
         if not request.HasField("definition"):
             v.add("definition", "is required")
-        for i, task in enumerate(request.definition.tasks):
-            v.struct(f"definition.tasks[{i}].parameters", task.parameters, MAX_INPUT_BYTES)
+        _check_tasks(v, request.definition)
         v.raise_if_any()
         created = await self._engine.create_definition(
             convert.definition_from_proto(request.definition)
@@ -77,8 +77,7 @@ class WorkflowServicer(workflow_pb2_grpc.WorkflowServiceServicer):
         v.text("request_id", request.request_id, max_len=256)
         v.struct("input", request.input, MAX_INPUT_BYTES)
         if source == "definition":
-            for i, task in enumerate(request.definition.tasks):
-                v.struct(f"definition.tasks[{i}].parameters", task.parameters, MAX_INPUT_BYTES)
+            _check_tasks(v, request.definition)
         v.raise_if_any()
         definition = (
             convert.definition_from_proto(request.definition)
@@ -143,6 +142,19 @@ class WorkflowServicer(workflow_pb2_grpc.WorkflowServiceServicer):
         response = workflow_pb2.HeartbeatTaskResponse(cancel_requested=cancel)
         set_time(response.deadline, deadline)
         return response
+
+
+def _check_tasks(v: Violations, definition: workflow_pb2.WorkflowDefinition) -> None:
+    """What protobuf lets through but a definition must not hold: oversized or
+    non-finite parameters, malformed durations. (The graph is judged by the domain.)"""
+    for i, task in enumerate(definition.tasks):
+        where = f"definition.tasks[{i}]"
+        v.struct(f"{where}.parameters", task.parameters, MAX_INPUT_BYTES)
+        v.duration(f"{where}.timeout", task.timeout)
+        v.duration(f"{where}.retry_policy.initial_interval", task.retry_policy.initial_interval)
+        v.duration(f"{where}.retry_policy.maximum_interval", task.retry_policy.maximum_interval)
+        if not math.isfinite(task.retry_policy.backoff_coefficient):
+            v.add(f"{where}.retry_policy.backoff_coefficient", "must be a finite number")
 
 
 def _caller() -> str:
