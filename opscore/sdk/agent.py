@@ -345,7 +345,10 @@ class Agent:
     async def _keep_lease(self, ctx: TaskContext, work: asyncio.Task[Any]) -> None:
         """Heartbeats the task every third of its lease; cancels the handler when the
         server asks to stop or the attempt is no longer current."""
-        lease = (ctx.deadline - (datetime.now(UTC) + self._clock_offset)).total_seconds()
+        lease = (
+            ctx.assignment.lease
+            or (ctx.deadline - (datetime.now(UTC) + self._clock_offset)).total_seconds()
+        )
         interval = max(MIN_LEASE_HEARTBEAT, (lease if lease > 0 else DEFAULT_LEASE) / 3)
         while True:
             await asyncio.sleep(interval)

@@ -137,7 +137,11 @@ def agent_event(msg: lifecycle_pb2.AgentEvent) -> types.AgentEvent:
 def agent_heartbeat(msg: lifecycle_pb2.HeartbeatResponse) -> types.AgentHeartbeat:
     return types.AgentHeartbeat(
         state=AgentState(msg.state),
-        liveness_timeout=float(msg.liveness_timeout_seconds),
+        liveness_timeout=(
+            msg.liveness_timeout.ToTimedelta().total_seconds()
+            if msg.HasField("liveness_timeout")
+            else float(msg.liveness_timeout_seconds)
+        ),
         server_time=_required_time(msg, "server_time"),
     )
 
@@ -218,6 +222,7 @@ def task_assignment(msg: workflow_pb2.TaskAssignment) -> types.TaskAssignment:
         payload=from_struct(msg.payload),
         attempt=msg.attempt,
         deadline=_required_time(msg, "deadline"),
+        lease=msg.lease.ToTimedelta().total_seconds(),
     )
 
 

@@ -166,6 +166,8 @@ class TaskAssignment:
     payload: JsonObject
     attempt: int
     deadline: datetime
+    # Seconds each heartbeat extends the lease by (0 from servers that don't say).
+    lease: float = 0.0
 
     @property
     def parameters(self) -> JsonObject:
