@@ -2,8 +2,9 @@
 
 Baseline: the empty unary RPC rate (grpc.health.v1.Health/Check, no storage work)
 through the same server build, measured in the same run with the same client setup.
-Workloads: durable UpdateAgentState throughput (bench.unary) and watch delivery
-latency (bench.watch). Each measurement gets a fresh server on a fresh temp database.
+Workloads: durable UpdateAgentState throughput (bench.unary), watch delivery
+latency (bench.watch) and single-step workflow throughput/dispatch latency
+(bench.workflow). Each measurement gets a fresh server on a fresh temp database.
 Prints a table and writes bench/results/bench-<timestamp>.json.
 """
 
@@ -22,12 +23,16 @@ from bench.common import agent_ids, machine_info, register_agents
 from bench.server import REPO, ServerProcess
 from bench.unary import measure_rate
 from bench.watch import measure_watch
+from bench.workflow import finish_with_db, measure_workflow, setup, wf_agent_ids
 
 RESULTS = Path(__file__).resolve().parent / "results"
 IN_FLIGHT = (16, 64)
 AGENTS = 64
 UPDATE_TARGET = 0.5  # UpdateAgentState rate >= 50% of the empty-RPC rate
 WATCH_P99_TARGET_MS = 20.0
+WORKFLOW_TARGET = 0.25  # completed single-step workflows/s >= 25% of the empty-RPC rate
+DISPATCH_P99_TARGET_MS = 10.0  # at half the measured workflow throughput
+PARTS = ("unary", "watch", "workflow")
 SERVER_SRC = REPO  # replaced by --server-src
 
 
@@ -78,6 +83,19 @@ def run_watch(watchers: int, procs: int, rate: int, seconds: float) -> dict[str,
     return result
 
 
+def run_workflow(
+    agents: int, warmup: float, seconds: float, in_flight: int = 0, rate: float = 0.0
+) -> dict[str, Any]:
+    with ServerProcess(SERVER_SRC) as server:
+        ids = wf_agent_ids(agents)
+        setup(server.address, ids)
+        result = measure_workflow(server, ids, warmup, seconds, in_flight=in_flight, rate=rate)
+        server.stop()
+        result["server"] = _server_notes(server)
+        finish_with_db(result, server)
+    return result
+
+
 def _median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """The run with the median rate, annotated with every repetition's rate."""
     ordered = sorted(runs, key=lambda r: r["rate"])
@@ -86,11 +104,64 @@ def _median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return median
 
 
+def _median_p99_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The latency run with the median dispatch p99, annotated with every run's p99."""
+    ordered = sorted(runs, key=lambda r: r["dispatch_latency"]["p99_ms"])
+    median = dict(ordered[len(ordered) // 2])
+    median["repeat_p99_ms"] = [round(r["dispatch_latency"]["p99_ms"], 2) for r in runs]
+    median["repeat_queued_p99_ms"] = [
+        round(r["queued_to_receipt_latency"]["p99_ms"], 2) for r in runs
+    ]
+    return median
+
+
+def run_workflow_part(
+    agents: int, in_flight: int, procs: int, repeat: int, warmup: float, seconds: float
+) -> dict[str, Any]:
+    """Empty-RPC baseline and closed-loop workflow throughput (interleaved), then paced
+    open-loop dispatch-latency runs at half the median throughput."""
+    baselines, throughput = [], []
+    for i in range(repeat):
+        print(f"[{i + 1}/{repeat}] Health/Check, {in_flight} in flight ...", flush=True)
+        baselines.append(run_baseline(in_flight, procs, warmup, seconds))
+        print(f"[{i + 1}/{repeat}] workflows, {in_flight} in flight ...", flush=True)
+        throughput.append(run_workflow(agents, warmup, seconds, in_flight=in_flight))
+    base = _median_run(baselines)
+    best = _median_run(throughput)
+    half = best["rate"] / 2
+    latency = []
+    for i in range(repeat):
+        print(f"[{i + 1}/{repeat}] workflows paced at {half:.0f}/s ...", flush=True)
+        latency.append(run_workflow(agents, warmup, seconds, rate=half))
+    best["ratio_to_empty_rpc"] = best["rate"] / base["rate"]
+    return {
+        "agents": agents,
+        "in_flight": in_flight,
+        "baseline": base,
+        "throughput": best,
+        "latency": _median_p99_run(latency),
+        "throughput_runs": throughput,
+        "latency_runs": latency,
+    }
+
+
 def _fmt(value: float, digits: int = 0) -> str:
     return f"{value:,.{digits}f}"
 
 
 def print_table(report: dict[str, Any]) -> None:
+    if report["baseline"]:
+        print_unary_table(report)
+    if report["watch"]:
+        print_watch_table(report)
+    if report.get("workflow"):
+        print_workflow_table(report["workflow"])
+    print()
+    for line in report["verdicts"]:
+        print(line)
+
+
+def print_unary_table(report: dict[str, Any]) -> None:
     base = report["baseline"]
     print()
     print(f"client processes for baseline and updates: {report['client_procs']}")
@@ -108,6 +179,9 @@ def print_table(report: dict[str, Any]) -> None:
                 f"{r['latency']['p50_ms']:>8.1f} {r['latency']['p99_ms']:>8.1f}"
                 f"{r['server_cpu_pct']:>10.0f}{clients:>10}"
             )
+
+
+def print_watch_table(report: dict[str, Any]) -> None:
     print()
     header = f"{'watch (streams x updates/s)':<30}{'achieved/s':>11}{'delivered':>18}"
     header += f"{'p50 ms':>9}{'p99 ms':>10}{'max ms':>10}{'srv CPU%':>10}"
@@ -129,13 +203,68 @@ def print_table(report: dict[str, Any]) -> None:
             extra.append(f"streams ended early {w['streams_ended_early']}")
         if extra:
             print("    " + "; ".join(extra))
+
+
+def print_workflow_table(wf: dict[str, Any]) -> None:
+    base, thr, lat = wf["baseline"], wf["throughput"], wf["latency"]
     print()
-    for line in report["verdicts"]:
-        print(line)
+    print(
+        f"single-step workflows, {wf['agents']} agents (StreamTasks max_in_flight "
+        f"{thr['max_in_flight_per_agent']}); rates: median of {thr['repeat_rates']}"
+    )
+    header = f"{'run':<34}{'per s':>9}{'vs empty':>10}{'dispatch p50/p99/max ms':>25}"
+    header += f"{'queued p50/p99 ms':>19}{'srv CPU%':>10}"
+    print(header)
+    print("-" * len(header))
+    b = base["latency"]
+    print(
+        f"{'Health/Check @' + str(wf['in_flight']):<34}{_fmt(base['rate']):>9}{'100%':>10}"
+        f"{b['p50_ms']:>9.1f}/{b['p99_ms']:.1f}/{b['max_ms']:.1f}{'':>19}"
+        f"{base['server_cpu_pct']:>10.0f}"
+    )
+    for label, r in (
+        (f"closed loop, {wf['in_flight']} runs open", thr),
+        (f"paced at {lat['target_rate']:.0f}/s", lat),
+    ):
+        d, q = r["dispatch_latency"], r["queued_to_receipt_latency"]
+        dispatch = f"{d['p50_ms']:.1f}/{d['p99_ms']:.1f}/{d['max_ms']:.1f}"
+        queued = f"{q['p50_ms']:.1f}/{q['p99_ms']:.1f}"
+        print(
+            f"{label:<34}{_fmt(r['rate']):>9}{r['rate'] / base['rate']:>9.0%} "
+            f"{dispatch:>25}{queued:>19}{r['server_cpu_pct']:>10.0f}"
+        )
+        s, c = r["start_latency"], r["complete_latency"]
+        print(
+            f"    StartWorkflow p50/p99 {s['p50_ms']:.1f}/{s['p99_ms']:.1f} ms, "
+            f"CompleteTask p50/p99 {c['p50_ms']:.1f}/{c['p99_ms']:.1f} ms; "
+            f"client CPU% starter {r['client_cpu_pct']['starter']:.0f}, "
+            f"agents {r['client_cpu_pct']['agents']:.0f}; check {_check_line(r)}"
+        )
+    print(f"    paced runs' dispatch p99 ms: {lat['repeat_p99_ms']}")
+
+
+def _check_line(r: dict[str, Any]) -> str:
+    v = r["verification"]
+    problems = [f"{k} {r[k]}" for k in ("start_errors", "complete_errors", "stream_ends") if r[k]]
+    if not r["drained"]:
+        problems.append("not drained")
+    if v.get("open_after_drain"):
+        problems.append(f"{v['open_after_drain']} sessions still open")
+    db = v.get("db_sessions_by_status", {})
+    ok_db = db == {"SESSION_STATUS_COMPLETED": r["completed_total"]}
+    if not ok_db:
+        problems.append(f"db {db}")
+    if v.get("sample_with_agent_output") != v.get("sample"):
+        problems.append(f"sample {v.get('sample_statuses')}")
+    return "ok" if not problems else "; ".join(problems)
 
 
 def verdicts(report: dict[str, Any]) -> list[str]:
     lines = []
+    if report.get("workflow"):
+        lines += workflow_verdicts(report["workflow"])
+    if not report["updates"]:
+        return lines
     for key, r in report["updates"].items():
         ratio = r["rate"] / report["baseline"][key]["rate"]
         ok = "MET" if ratio >= UPDATE_TARGET else "MISSED"
@@ -143,6 +272,8 @@ def verdicts(report: dict[str, Any]) -> list[str]:
             f"UpdateAgentState @{key} in flight: {ratio:.0%} of empty-RPC rate "
             f"(target >= {UPDATE_TARGET:.0%}): {ok}"
         )
+    if not report["watch"]:
+        return lines
     main = report["watch"][0]
     p99 = main["latency"]["p99_ms"]
     ok = "MET" if p99 < WATCH_P99_TARGET_MS and main["delivered_fraction"] == 1.0 else "MISSED"
@@ -154,10 +285,27 @@ def verdicts(report: dict[str, Any]) -> list[str]:
     return lines
 
 
+def workflow_verdicts(wf: dict[str, Any]) -> list[str]:
+    thr, lat = wf["throughput"], wf["latency"]
+    ratio = thr["ratio_to_empty_rpc"]
+    ok = "MET" if ratio >= WORKFLOW_TARGET else "MISSED"
+    d, q = lat["dispatch_latency"], lat["queued_to_receipt_latency"]
+    ok_lat = "MET" if d["p99_ms"] < DISPATCH_P99_TARGET_MS else "MISSED"
+    return [
+        f"Workflows @{wf['in_flight']} open runs: {thr['rate']:,.0f} completed/s = {ratio:.0%} "
+        f"of empty-RPC rate (target >= {WORKFLOW_TARGET:.0%}): {ok}",
+        f"Dispatch p99 @{lat['target_rate']:.0f}/s (half load): {d['p99_ms']:.1f} ms from "
+        f"StartWorkflow send, {q['p99_ms']:.1f} ms from TASK_QUEUED "
+        f"(target < {DISPATCH_P99_TARGET_MS:g} ms): {ok_lat}",
+    ]
+
+
 def add_ratios(report: dict[str, Any]) -> None:
     base = report["baseline"]
     for key, r in report["updates"].items():
         r["ratio_to_empty_rpc"] = r["rate"] / base[key]["rate"]
+    if not report["watch"] or "16" not in base:
+        return
     ref = base["16"]
     for w in report["watch"]:
         w["ratios_vs_empty_rpc_at_16"] = {
@@ -185,12 +333,24 @@ def main(argv: list[str] | None = None) -> int:
         help="paced update rates for the watch benchmark; the first is the target case",
     )
     parser.add_argument(
+        "--only",
+        default=",".join(PARTS),
+        help=f"comma-separated parts to run (default all): {', '.join(PARTS)}",
+    )
+    parser.add_argument("--wf-agents", type=int, default=50, help="agents with a task stream")
+    parser.add_argument(
+        "--wf-in-flight", type=int, default=16, help="workflow runs open at once (closed loop)"
+    )
+    parser.add_argument(
         "--server-src",
         type=Path,
         default=REPO,
         help="source tree to serve, e.g. `git archive HEAD | tar -x -C DIR` (default: here)",
     )
     args = parser.parse_args(argv)
+    parts = {p.strip() for p in args.only.split(",") if p.strip()}
+    if not parts or parts - set(PARTS):
+        parser.error(f"--only takes a comma-separated subset of {', '.join(PARTS)}")
     global SERVER_SRC
     SERVER_SRC = args.server_src.resolve()
     if SERVER_SRC != REPO:
@@ -213,12 +373,14 @@ def main(argv: list[str] | None = None) -> int:
         "baseline": {},
         "updates": {},
         "watch": [],
+        "workflow": None,
+        "parts": sorted(parts),
     }
     with open("/proc/loadavg") as f:
         report["machine"]["loadavg_at_start"] = f.read().split()[:3]
     started = time.time()
     repeat = 1 if args.quick else args.repeat
-    for n in IN_FLIGHT:
+    for n in IN_FLIGHT if "unary" in parts else ():
         baselines, updates = [], []
         for i in range(repeat):  # interleaved, so background load hits both alike
             print(f"[{i + 1}/{repeat}] Health/Check, {n} in flight ...", flush=True)
@@ -227,9 +389,13 @@ def main(argv: list[str] | None = None) -> int:
             updates.append(run_updates(n, args.client_procs, warmup, seconds))
         report["baseline"][str(n)] = _median_run(baselines)
         report["updates"][str(n)] = _median_run(updates)
-    for rate in rates:
+    for rate in rates if "watch" in parts else ():
         print(f"watch: {args.watchers} streams, {rate} updates/s ...", flush=True)
         report["watch"].append(run_watch(args.watchers, args.watcher_procs, rate, seconds))
+    if "workflow" in parts:
+        report["workflow"] = run_workflow_part(
+            args.wf_agents, args.wf_in_flight, args.client_procs, repeat, warmup, seconds
+        )
     report["wall_seconds"] = time.time() - started
     add_ratios(report)
     report["verdicts"] = verdicts(report)

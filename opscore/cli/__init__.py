@@ -1,11 +1,11 @@
 """The `opscore` command line: `serve` runs the server; `agent`, `workflow` and
-`session` operate one through the SDK client."""
+`session` operate one through the SDK client; `keys` makes operator keys."""
 
 from __future__ import annotations
 
 import typer
 
-from opscore.cli import agents, sessions, workflows
+from opscore.cli import agents, keys, sessions, workflows
 from opscore.cli.serve import serve
 
 app = typer.Typer(
@@ -22,6 +22,7 @@ app.command()(serve)
 app.add_typer(agents.app, name="agent")
 app.add_typer(workflows.app, name="workflow")
 app.add_typer(sessions.app, name="session")
+app.add_typer(keys.app, name="keys")
 
 
 def main() -> None:

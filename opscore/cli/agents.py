@@ -13,6 +13,7 @@ from opscore.cli.common import (
     Address,
     Json,
     Limit,
+    Token,
     json_object,
     key_values,
     page_size,
@@ -57,20 +58,27 @@ def list_agents(
     capability: Annotated[str, typer.Option(help="Only agents with this capability.")] = "",
     limit: Limit = None,
     address: Address = DEFAULT_ADDRESS,
+    token: Token = None,
     as_json: Json = False,
 ) -> None:
     """List agents, ordered by id."""
     agents = run(
         address,
+        token,
         lambda c: take(c.list_agents(state or (), capability, page_size(limit)), limit),
     )
     render.show(agents, as_json, render.agent_table)
 
 
 @app.command("get")
-def get_agent(agent_id: AgentId, address: Address = DEFAULT_ADDRESS, as_json: Json = False) -> None:
+def get_agent(
+    agent_id: AgentId,
+    address: Address = DEFAULT_ADDRESS,
+    token: Token = None,
+    as_json: Json = False,
+) -> None:
     """Show one agent."""
-    render.show(run(address, lambda c: c.get_agent(agent_id)), as_json, render.agent_view)
+    render.show(run(address, token, lambda c: c.get_agent(agent_id)), as_json, render.agent_view)
 
 
 @app.command("register")
@@ -86,12 +94,14 @@ def register(
     endpoint: Annotated[str, typer.Option(help="Where the agent can be contacted.")] = "",
     meta: Annotated[list[str] | None, typer.Option(help="Metadata key=value (repeatable).")] = None,
     address: Address = DEFAULT_ADDRESS,
+    token: Token = None,
     as_json: Json = False,
 ) -> None:
     """Register an agent (again with the same fields: no change)."""
     metadata = key_values(meta or [])
     agent = run(
         address,
+        token,
         lambda c: c.register_agent(
             name, capability or (), agent_id, version, endpoint, metadata=metadata
         ),
@@ -111,10 +121,11 @@ def update_state(
         typer.Option(parser=json_object, metavar="JSON", help="State details, a JSON object."),
     ] = None,
     address: Address = DEFAULT_ADDRESS,
+    token: Token = None,
     as_json: Json = False,
 ) -> None:
     """Report an agent's state on its behalf."""
-    agent = run(address, lambda c: c.update_agent_state(agent_id, state, details))
+    agent = run(address, token, lambda c: c.update_agent_state(agent_id, state, details))
     render.show(agent, as_json, render.state_updated)
 
 
@@ -131,6 +142,7 @@ def watch(
         bool, typer.Option("--initial", help="Start with every matching agent's current state.")
     ] = False,
     address: Address = DEFAULT_ADDRESS,
+    token: Token = None,
     as_json: Json = False,
 ) -> None:
     """Follow agent changes live until Ctrl-C (--json: one event per line)."""
@@ -141,4 +153,4 @@ def watch(
         events = client.watch_agents(agent or (), capability, since, initial)
         await render.watch_agents(events, as_json)
 
-    run(address, follow)
+    run(address, token, follow)

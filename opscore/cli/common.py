@@ -1,12 +1,10 @@
-"""What the client commands share: the --address and --json options, argument
-parsers, and running SDK calls with one-line errors and exit codes."""
+"""What the client commands share: the --address, --token and --json options,
+argument parsers, and running SDK calls with one-line errors and exit codes."""
 
 from __future__ import annotations
 
 import asyncio
 import json
-import os
-import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Annotated, Any, TypeVar
 
@@ -25,6 +23,14 @@ MAX_PAGE = 100
 Address = Annotated[
     str,
     typer.Option("--address", envvar="OPSCORE_ADDRESS", help="Server host:port."),
+]
+Token = Annotated[
+    str | None,
+    typer.Option(
+        envvar="OPSCORE_TOKEN",
+        show_default=False,
+        help="Operator key or agent token, when the server has authentication on.",
+    ),
 ]
 Json = Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")]
 Limit = Annotated[int | None, typer.Option(min=1, help="Show at most N.")]
@@ -66,23 +72,17 @@ async def take(items: AsyncIterator[T], limit: int | None) -> list[T]:
     return out
 
 
-def run(address: str, action: Callable[[OpsCoreClient], Awaitable[T]]) -> T:
-    """Runs `action` with a client on a fresh event loop. An OpsCoreError becomes a
-    one-line message and exit code 1; Ctrl-C exits 130 and a closed pipe (`| head`)
-    exits quietly, both without a traceback."""
+def run(address: str, token: str | None, action: Callable[[OpsCoreClient], Awaitable[T]]) -> T:
+    """Runs `action` with a client on a fresh event loop; an OpsCoreError becomes a
+    one-line message and exit code 1. (Typer already turns Ctrl-C into exit 130 and a
+    closed pipe, as in `| head`, into a quiet exit 1.)"""
 
     async def main() -> T:
-        async with OpsCoreClient(address) as client:
+        async with OpsCoreClient(address, token=token) as client:
             return await action(client)
 
     try:
         return asyncio.run(main())
     except OpsCoreError as exc:
         render.error(exc, address)
-        raise typer.Exit(1) from None
-    except KeyboardInterrupt:
-        raise typer.Exit(130) from None
-    except BrokenPipeError:
-        # Python would complain again when flushing stdout at exit.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         raise typer.Exit(1) from None

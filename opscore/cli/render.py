@@ -19,7 +19,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from opscore.errors import InvalidArgumentError, OpsCoreError
+from opscore.errors import InvalidArgumentError, OpsCoreError, UnauthenticatedError
 from opscore.models import AgentEventType
 from opscore.sdk import DeadlineExceededError, UnavailableError
 from opscore.sdk.types import (
@@ -98,6 +98,8 @@ def show(value: T, as_json: bool, view: Callable[[T], RenderableType]) -> None:
         sys.stdout.write(json.dumps(jsonable(value), indent=2, ensure_ascii=False) + "\n")
     else:
         out.print(view(value))
+    # Now rather than at exit, so a closed pipe is reported while Typer handles it.
+    sys.stdout.flush()
 
 
 def json_line(value: Any) -> None:
@@ -112,6 +114,8 @@ def error(exc: OpsCoreError, address: str) -> None:
         lines = [f"cannot reach Ops-Core at {address} (UNAVAILABLE)"]
     elif isinstance(exc, DeadlineExceededError):
         lines = [f"Ops-Core at {address} did not answer in time (DEADLINE_EXCEEDED)"]
+    elif isinstance(exc, UnauthenticatedError):
+        lines = [f"{exc.message} (give --token or set OPSCORE_TOKEN)"]
     elif isinstance(exc, InvalidArgumentError) and exc.violations:
         lines = ["invalid request"] + [f"  {v.field}: {v.description}" for v in exc.violations]
     else:
@@ -203,9 +207,12 @@ def agent_view(a: Agent) -> RenderableType:
 
 
 def registered(a: Agent) -> Text:
-    return Text.assemble(
+    line = Text.assemble(
         "Registered agent ", (a.agent_id, "bold"), " (", badge(a.state), f", revision {a.revision})"
     )
+    if a.agent_token:  # issued once, on first registration with authentication on
+        line.append(f"\nAgent token (shown once, give it to the agent): {a.agent_token}")
+    return line
 
 
 def state_updated(a: Agent) -> Text:
@@ -268,6 +275,21 @@ async def watch_agents(events: AsyncIterator[AgentEvent], as_json: bool) -> None
             async for event in events:
                 board.apply(event)
                 live.refresh()
+
+
+# --------------------------------------------------------------------------- keys
+
+
+def new_key(created: dict[str, str]) -> Text:
+    name, role, sha256 = created["name"], created["role"], created["sha256"]
+    return Text.assemble(
+        ("Key (shown once, store it now): ", "bold"),
+        created["key"],
+        "\nFor the keys file (OPSCORE_KEYS_FILE):\n",
+        f"  - {{name: {name}, role: {role}, sha256: {sha256}}}",
+        "\nOr in OPSCORE_API_KEYS:\n",
+        f"  {name}:{role}:{sha256}",
+    )
 
 
 # --------------------------------------------------------------------------- workflows

@@ -8,8 +8,6 @@ from typing import Annotated
 
 import typer
 
-from opscore import logs
-from opscore.config import load_settings
 from opscore.errors import OpsCoreError
 
 
@@ -22,12 +20,40 @@ def serve(
     ] = None,
     db: Annotated[Path | None, typer.Option(help="SQLite database file [OPSCORE_DB].")] = None,
     log_level: Annotated[str | None, typer.Option(help="DEBUG, INFO, WARNING or ERROR.")] = None,
+    keys_file: Annotated[
+        Path | None, typer.Option(help="Operator keys file (YAML/JSON) [OPSCORE_KEYS_FILE].")
+    ] = None,
+    insecure_no_auth: Annotated[
+        bool | None,
+        typer.Option(
+            "--insecure-no-auth",
+            help="Serve a non-loopback address without keys [OPSCORE_INSECURE_NO_AUTH].",
+        ),
+    ] = None,
+    tls_cert: Annotated[Path | None, typer.Option(help="TLS certificate (PEM).")] = None,
+    tls_key: Annotated[Path | None, typer.Option(help="TLS private key (PEM).")] = None,
+    tls_client_ca: Annotated[
+        Path | None, typer.Option(help="Require client certificates from this CA (mTLS).")
+    ] = None,
 ) -> None:
     """Serve the gRPC API until SIGTERM or Ctrl-C."""
+    # Imported here: the client commands need none of it and start faster without.
+    from opscore import logs
+    from opscore.config import load_settings
     from opscore.server import serve as run_server
 
     try:
-        settings = load_settings(host=host, port=port, db=db, log_level=log_level)
+        settings = load_settings(
+            host=host,
+            port=port,
+            db=db,
+            log_level=log_level,
+            keys_file=keys_file,
+            insecure_no_auth=insecure_no_auth,
+            tls_cert=tls_cert,
+            tls_key=tls_key,
+            tls_client_ca=tls_client_ca,
+        )
         logs.configure(settings.log_level)
         asyncio.run(run_server(settings))
     except OpsCoreError as exc:

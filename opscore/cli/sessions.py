@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from opscore.cli import render
-from opscore.cli.common import DEFAULT_ADDRESS, Address, Json, Limit, page_size, run, take
+from opscore.cli.common import DEFAULT_ADDRESS, Address, Json, Limit, Token, page_size, run, take
 from opscore.sdk import OpsCoreClient
 from opscore.sdk.types import Session
 
@@ -30,15 +30,14 @@ class Status(enum.StrEnum):
 SessionId = Annotated[str, typer.Argument(metavar="SESSION", help="Session id.")]
 
 
-async def follow(client: OpsCoreClient, session: Session, since: int, as_json: bool) -> Session:
-    """Follows a run until it ends; returns it as it ended."""
+async def follow(client: OpsCoreClient, session: Session, since: int, as_json: bool) -> None:
+    """Shows a run's events until it ends (`session watch`, `workflow start --wait`)."""
 
     async def fetch() -> Session:
         return await client.get_session(session.session_id)
 
     events = client.watch_session(session.session_id, since)
     await render.follow_session(session, events, fetch, as_json)
-    return await fetch()
 
 
 @app.command("list")
@@ -51,28 +50,40 @@ def list_sessions(
     agent: Annotated[str, typer.Option(help="Only runs pinned to this agent.")] = "",
     limit: Limit = None,
     address: Address = DEFAULT_ADDRESS,
+    token: Token = None,
     as_json: Json = False,
 ) -> None:
     """List sessions, newest first."""
     sessions = run(
         address,
+        token,
         lambda c: take(c.list_sessions(status or (), workflow, agent, page_size(limit)), limit),
     )
     render.show(sessions, as_json, render.session_table)
 
 
 @app.command("get")
-def get(session_id: SessionId, address: Address = DEFAULT_ADDRESS, as_json: Json = False) -> None:
+def get(
+    session_id: SessionId,
+    address: Address = DEFAULT_ADDRESS,
+    token: Token = None,
+    as_json: Json = False,
+) -> None:
     """Show a session and its tasks."""
-    render.show(run(address, lambda c: c.get_session(session_id)), as_json, render.session_view)
+    render.show(
+        run(address, token, lambda c: c.get_session(session_id)), as_json, render.session_view
+    )
 
 
 @app.command("events")
 def events(
-    session_id: SessionId, address: Address = DEFAULT_ADDRESS, as_json: Json = False
+    session_id: SessionId,
+    address: Address = DEFAULT_ADDRESS,
+    token: Token = None,
+    as_json: Json = False,
 ) -> None:
     """Show a session's whole history."""
-    history = run(address, lambda c: take(c.list_session_events(session_id), None))
+    history = run(address, token, lambda c: take(c.list_session_events(session_id), None))
     render.show(history, as_json, render.event_table)
 
 
@@ -83,6 +94,7 @@ def watch(
         int, typer.Option(min=0, metavar="SEQ", help="Only events after sequence SEQ.")
     ] = 0,
     address: Address = DEFAULT_ADDRESS,
+    token: Token = None,
     as_json: Json = False,
 ) -> None:
     """Follow a session's events until it ends (--json: one event per line)."""
@@ -91,7 +103,7 @@ def watch(
         # Fetching first fails fast when the server is down: the SDK's watch would retry.
         await follow(client, await client.get_session(session_id), since, as_json)
 
-    run(address, go)
+    run(address, token, go)
 
 
 @app.command("cancel")
@@ -99,8 +111,9 @@ def cancel(
     session_id: SessionId,
     reason: Annotated[str, typer.Option(help="Why, kept in the history.")] = "",
     address: Address = DEFAULT_ADDRESS,
+    token: Token = None,
     as_json: Json = False,
 ) -> None:
     """Cancel a run that has not ended."""
-    session = run(address, lambda c: c.cancel_session(session_id, reason))
+    session = run(address, token, lambda c: c.cancel_session(session_id, reason))
     render.show(session, as_json, render.session_status)

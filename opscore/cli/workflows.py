@@ -13,6 +13,7 @@ from opscore.cli.common import (
     Address,
     Json,
     Limit,
+    Token,
     json_object,
     page_size,
     run,
@@ -40,18 +41,24 @@ def create(
         ),
     ],
     address: Address = DEFAULT_ADDRESS,
+    token: Token = None,
     as_json: Json = False,
 ) -> None:
     """Store a workflow definition from a file."""
-    render.show(run(address, lambda c: c.create_workflow(file)), as_json, render.created)
+    render.show(run(address, token, lambda c: c.create_workflow(file)), as_json, render.created)
 
 
 @app.command("list")
 def list_workflows(
-    limit: Limit = None, address: Address = DEFAULT_ADDRESS, as_json: Json = False
+    limit: Limit = None,
+    address: Address = DEFAULT_ADDRESS,
+    token: Token = None,
+    as_json: Json = False,
 ) -> None:
     """List workflow definitions, ordered by id and version."""
-    definitions = run(address, lambda c: take(c.list_workflow_definitions(page_size(limit)), limit))
+    definitions = run(
+        address, token, lambda c: take(c.list_workflow_definitions(page_size(limit)), limit)
+    )
     render.show(definitions, as_json, render.definition_table)
 
 
@@ -60,10 +67,11 @@ def get(
     workflow_id: WorkflowId,
     version: Version = "",
     address: Address = DEFAULT_ADDRESS,
+    token: Token = None,
     as_json: Json = False,
 ) -> None:
     """Show a workflow definition and its tasks."""
-    definition = run(address, lambda c: c.get_workflow_definition(workflow_id, version))
+    definition = run(address, token, lambda c: c.get_workflow_definition(workflow_id, version))
     render.show(definition, as_json, render.definition_view)
 
 
@@ -83,6 +91,7 @@ def start(
         bool, typer.Option("--wait", help="Follow the run; exit 1 unless it COMPLETED.")
     ] = False,
     address: Address = DEFAULT_ADDRESS,
+    token: Token = None,
     as_json: Json = False,
 ) -> None:
     """Start a run of a stored workflow."""
@@ -96,9 +105,10 @@ def start(
         if as_json:
             return await client.wait_session(session.session_id)
         render.show(session, False, render.started)
-        return await follow(client, session, since=0, as_json=False)
+        await follow(client, session, since=0, as_json=False)
+        return await client.get_session(session.session_id)
 
-    session = run(address, go)
+    session = run(address, token, go)
     render.show(session, as_json, render.session_status if wait else render.started)
     if wait and session.status is not SessionStatus.COMPLETED:
         reason = f": {session.error}" if session.error else ""

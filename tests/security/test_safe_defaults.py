@@ -187,11 +187,6 @@ def test_cli_env_insecure_no_auth_serves_public_host(tmp_path: Path) -> None:
     assert AUTH_OFF in log
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="server bug: the refusal says 'pass --insecure-no-auth' but `opscore serve` has "
-    "no such option (only OPSCORE_INSECURE_NO_AUTH works)",
-)
 def test_cli_flag_named_in_the_error_exists(tmp_path: Path) -> None:
     """The --insecure-no-auth flag the refusal message names is accepted by `opscore serve`."""
     ok, log = _serves(

@@ -1,0 +1,108 @@
+"""`opscore agent ...` through the real entry point against a server process."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+
+from cli_support import Cli, read_json_lines, read_until
+
+from opscore.cli.agents import ReportedState, State
+from opscore.models import REPORTABLE_STATES, AgentState
+
+
+def test_state_choices_are_the_domain_states() -> None:
+    assert [s.name for s in State] == [s.name for s in AgentState if s != AgentState.UNSPECIFIED]
+    assert {s.name for s in ReportedState} == {s.name for s in REPORTABLE_STATES}
+
+
+async def test_register_get_list_and_update_state(cli: Cli) -> None:
+    worker = await cli.json(
+        *("agent", "register", "--id", "summarizer-1", "--name", "Summarizer"),
+        *("--capability", "summarize", "--capability", "translate", "--version", "1.2.0"),
+        *("--endpoint", "http://10.0.0.7:8080", "--meta", "team=ml", "--meta", "zone=eu-1"),
+    )
+    assert worker["agent_id"] == "summarizer-1"
+    assert worker["capabilities"] == ["summarize", "translate"]
+    assert worker["metadata"] == {"team": "ml", "zone": "eu-1"}
+    assert worker["state"] == "INITIALIZING"
+    assert (worker["version"], worker["contact_endpoint"]) == ("1.2.0", "http://10.0.0.7:8080")
+    generated = await cli.json("agent", "register", "--name", "Fetcher", "--capability", "fetch")
+    assert generated["agent_id"] and generated["name"] == "Fetcher"
+
+    busy = await cli.json("agent", "update-state", "summarizer-1", "busy", "--details", '{"n": 3}')
+    assert (busy["state"], busy["state_details"]) == ("BUSY", {"n": 3})
+    assert busy["revision"] > worker["revision"]
+    assert await cli.json("agent", "get", "summarizer-1") == busy
+
+    listed, only_busy, both, fetchers, first, idle = await asyncio.gather(
+        cli.json("agent", "list"),
+        cli.json("agent", "list", "--state", "BUSY"),
+        cli.json("agent", "list", "--state", "busy", "--state", "initializing"),
+        cli.json("agent", "list", "--capability", "fetch"),
+        cli.json("agent", "list", "--limit", "1"),
+        cli.json("agent", "list", "--state", "IDLE"),
+    )
+    assert [a["agent_id"] for a in listed] == sorted(["summarizer-1", generated["agent_id"]])
+    assert only_busy == [busy]
+    assert both == listed
+    assert fetchers == [generated]
+    assert first == listed[:1]
+    assert idle == []
+
+    # People get tables and one-line confirmations.
+    table, one, empty = await asyncio.gather(
+        cli.ok("agent", "list"),
+        cli.ok("agent", "get", "summarizer-1"),
+        cli.ok("agent", "list", "--state", "ERROR"),
+    )
+    assert "summarizer-1" in table.out and "BUSY" in table.out and "Fetcher" in table.out
+    assert "Summarizer" in one.out and "team=ml" in one.out and '{"n": 3}' in one.out
+    assert empty.out.strip() == "No agents."
+    again = await cli.ok("agent", "register", "--id", "a-9", "--name", "Nine", "--capability", "x")
+    assert again.out.startswith("Registered agent a-9 (INITIALIZING, revision ")
+    state = await cli.ok("agent", "update-state", "a-9", "IDLE")
+    assert state.out.startswith("Agent a-9 is IDLE (revision ")
+
+
+async def test_watch(cli: Cli) -> None:
+    await cli.ok("agent", "register", "--id", "a-1", "--name", "A", "--capability", "x")
+    watch = await cli.spawn("agent", "watch", "--json", "--initial")
+    snapshot, synced = await read_json_lines(watch, 2)
+    assert (snapshot["type"], snapshot["agent"]["agent_id"]) == ("SNAPSHOT", "a-1")
+    assert (synced["type"], synced["agent"]) == ("SYNCED", None)
+
+    await cli.ok("agent", "register", "--id", "a-2", "--name", "B", "--capability", "y")
+    await cli.ok("agent", "update-state", "a-1", "BUSY")
+    registered, changed = await read_json_lines(watch, 2)
+    assert (registered["type"], registered["agent"]["agent_id"]) == ("REGISTERED", "a-2")
+    assert (changed["type"], changed["agent"]["state"]) == ("STATE_CHANGED", "BUSY")
+    assert changed["revision"] > registered["revision"] > snapshot["revision"]
+
+    watch.send_signal(signal.SIGINT)
+    _, err = await asyncio.wait_for(watch.communicate(), 10)
+    assert watch.returncode == 130
+    assert err == b"", err.decode()
+
+    # Filters and replay: only a-1's events after the first revision.
+    watch = await cli.spawn("agent", "watch", "--json", "--agent", "a-1", "--since", "1")
+    (event,) = await read_json_lines(watch, 1)
+    assert (event["type"], event["agent"]["agent_id"]) == ("STATE_CHANGED", "a-1")
+    watch.terminate()
+    await watch.wait()
+
+    # For people, piped: one line per event.
+    lines = await cli.spawn("agent", "watch", "--initial", "--capability", "x")
+    text = await read_until(lines, "SYNCED")
+    assert "SNAPSHOT" in text and "a-1" in text and "BUSY" in text and "a-2" not in text
+    lines.send_signal(signal.SIGINT)
+    await lines.wait()
+
+    # On a terminal: a live board of the agents.
+    board = await cli.spawn("agent", "watch", "--initial", TTY_COMPATIBLE="1", COLUMNS="120")
+    await read_until(board, "a-2")
+    await cli.ok("agent", "register", "--id", "a-3", "--name", "C", "--capability", "z")
+    await read_until(board, "a-3")
+    board.send_signal(signal.SIGINT)
+    _, err = await asyncio.wait_for(board.communicate(), 10)
+    assert (board.returncode, err) == (130, b"")
