@@ -58,7 +58,7 @@ class Settings(BaseSettings):
     rate_burst: float = Field(0.0, ge=0)  # 0: twice the rate
     max_task_streams_per_agent: int = Field(4, ge=1)
     max_watchers: int = Field(1000, ge=1)  # per watch kind (agents, sessions)
-    max_concurrent_streams: int = Field(100, ge=1)  # per HTTP/2 connection
+    max_concurrent_streams: int = Field(1000, ge=1)  # per HTTP/2 connection
     max_message_bytes: int = Field(4 * 1024 * 1024, ge=1024)
     shutdown_grace: float = Field(5.0, ge=0)
 
