@@ -37,12 +37,13 @@ class TaskStream:
         self.agent_id = agent_id
         self.max_in_flight = max_in_flight
         self.in_flight: set[TaskKey] = set()
+        self.reserved = 0  # slots booked for assignments being committed
         self._outbox: deque[Assignment] = deque()
         self._ready = asyncio.Event()
         self.closed: OpsCoreError | None = None
 
     def free_slots(self) -> int:
-        return self.max_in_flight - len(self.in_flight)
+        return self.max_in_flight - len(self.in_flight) - self.reserved
 
     def push(self, assignment: Assignment) -> None:
         self._outbox.append(assignment)
@@ -89,6 +90,7 @@ class Dispatcher:
         # wake-ups that invalidate that knowledge.
         self._exhausted: set[str] = set()
         self._work_generation = 0
+        self._rotation = 0
         self._background: set[asyncio.Task[Any]] = set()
         self._closed = False
 
@@ -154,6 +156,44 @@ class Dispatcher:
                 self._agents[agent_id] = event.agent
                 self.wake()
 
+    # -- eager dispatch ------------------------------------------------------------
+
+    def reserve(self, ready: dict[str, str], pinned: str) -> tuple[TaskStream, str] | None:
+        """Books a free slot for one of a new run's ready tasks (`ready`: capability ->
+        task_id), so the task is dispatched in the transaction that creates the run
+        instead of one commit later. Returns the stream and the task it should take."""
+        streams = list(self._streams.items())
+        self._rotation = (self._rotation + 1) % max(1, len(streams))
+        for agent_id, agent_streams in streams[self._rotation :] + streams[: self._rotation]:
+            if pinned and agent_id != pinned:
+                continue
+            agent = self._agents[agent_id]
+            if agent.state not in DISPATCHABLE:
+                continue
+            task_id = next((ready[c] for c in agent.capabilities if c in ready), None)
+            if task_id is None:
+                continue
+            for stream in agent_streams:
+                if stream.closed is None and stream.free_slots() > 0:
+                    stream.reserved += 1
+                    return stream, task_id
+        return None
+
+    def settle(self, stream: TaskStream, assignment: Assignment | None) -> None:
+        """Ends a reservation: delivers the committed assignment, or frees the slot."""
+        stream.reserved -= 1
+        if assignment is None:
+            self._wake.set()
+        elif stream.closed is not None:
+            self._spawn(self._queue.requeue([assignment.key], "agent disconnected", lost=False))
+        else:
+            self._deliver(stream, assignment)
+
+    def _deliver(self, stream: TaskStream, assignment: Assignment) -> None:
+        stream.in_flight.add(assignment.key)
+        self._holders[assignment.key] = stream
+        stream.push(assignment)
+
     # -- the loop ----------------------------------------------------------------
 
     def wake(self) -> None:
@@ -194,9 +234,7 @@ class Dispatcher:
             if stream.closed is not None:
                 orphans.append(assignment.key)
                 continue
-            stream.in_flight.add(assignment.key)
-            self._holders[assignment.key] = stream
-            stream.push(assignment)
+            self._deliver(stream, assignment)
         if orphans:
             await self._queue.requeue(orphans, "agent disconnected before delivery", lost=False)
 

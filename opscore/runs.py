@@ -186,6 +186,14 @@ class Run:
                 run._queue(task, now)
         return run
 
+    def ready_by_capability(self) -> dict[str, str]:
+        """One ready task per capability (the first in definition order)."""
+        ready: dict[str, str] = {}
+        for task_id, task in self.tasks.items():
+            if task.status is TaskStatus.PENDING and task.ready_at is not None:
+                ready.setdefault(task.spec.agent_capability, task_id)
+        return ready
+
     # -- what agents report ------------------------------------------------------
 
     def dispatch(self, task_id: str, agent_id: str, now: datetime) -> Assignment:

@@ -133,14 +133,29 @@ class WorkflowEngine:
                     f"workflow {resolved.id}; the run could never finish",
                     agent_id=agent_id,
                 )
-        run = Run.start(str(uuid.uuid4()), resolved, input, agent_id, request_id, self._clock.now())
-        stored, created = await self._store.create_run(run)
+        now = self._clock.now()
+        run = Run.start(str(uuid.uuid4()), resolved, input, agent_id, request_id, now)
+        ready = run.ready_by_capability()
+        booked = self.dispatcher.reserve(ready, agent_id)
+        eager = None
+        if booked is not None:
+            stream, task_id = booked
+            eager = run.dispatch(task_id, stream.agent_id, now)
+        try:
+            stored, created = await self._store.create_run(run)
+        except BaseException:
+            if booked is not None:
+                self.dispatcher.settle(booked[0], None)
+            raise
+        if booked is not None:
+            self.dispatcher.settle(booked[0], eager if created else None)
         if created:
             log.debug(
                 "session started",
                 extra={"session_id": stored.session_id, "workflow_id": resolved.id},
             )
-            self.dispatcher.wake()
+            if run.ready_by_capability():  # ready tasks left for the dispatcher
+                self.dispatcher.wake()
         return stored
 
     async def get_run(self, session_id: str) -> Run:
