@@ -18,23 +18,34 @@ E = TypeVar("E")
 
 
 class Subscription(Generic[E]):
-    def __init__(self, hub: Hub[E], accepts: Callable[[E], bool], limit: int) -> None:
+    """A subscriber's bounded buffer. Published batches are kept as they are (shared,
+    never mutated), so fanning a batch out costs one append per subscriber, not one
+    per event."""
+
+    def __init__(self, hub: Hub[E], accepts: Callable[[E], bool] | None, limit: int) -> None:
         self._hub = hub
         self._accepts = accepts
         self._limit = limit
-        self._buffer: deque[E] = deque()
+        self._chunks: deque[list[E]] = deque()
+        self._count = 0
         self._ready = asyncio.Event()
         self.overflowed = False
         self.closed = False
 
-    def offer(self, event: E) -> None:
-        if self.overflowed or not self._accepts(event):
+    def offer(self, events: list[E]) -> None:
+        if self.overflowed:
             return
-        if len(self._buffer) >= self._limit:
+        if self._accepts is not None:
+            events = [e for e in events if self._accepts(e)]
+        if not events:
+            return
+        if self._count + len(events) > self._limit:
             self.overflowed = True
-            self._buffer.clear()
+            self._chunks.clear()
+            self._count = 0
         else:
-            self._buffer.append(event)
+            self._chunks.append(events)
+            self._count += len(events)
         self._ready.set()
 
     def close(self) -> None:
@@ -42,8 +53,9 @@ class Subscription(Generic[E]):
         self._ready.set()
 
     async def next_batch(self, max_items: int) -> list[E]:
-        """Waits for events and returns up to `max_items` of them, oldest first."""
-        while not self._buffer:
+        """Waits for events and returns up to `max_items` of them, oldest first (the
+        list may be shared with other subscribers: read it, don't change it)."""
+        while not self._chunks:
             if self.overflowed:
                 raise WatcherTooSlowError(
                     f"watcher fell more than {self._limit} events behind and was dropped; "
@@ -53,8 +65,19 @@ class Subscription(Generic[E]):
                 raise ShuttingDownError("server is shutting down; resume on reconnect")
             self._ready.clear()
             await self._ready.wait()
-        count = min(max_items, len(self._buffer))
-        return [self._buffer.popleft() for _ in range(count)]
+        if len(self._chunks) == 1 and len(self._chunks[0]) <= max_items:
+            batch = self._chunks.popleft()
+        else:
+            batch = []
+            while self._chunks and len(batch) < max_items:
+                chunk = self._chunks.popleft()
+                room = max_items - len(batch)
+                if len(chunk) > room:
+                    self._chunks.appendleft(chunk[room:])
+                    chunk = chunk[:room]
+                batch.extend(chunk)
+        self._count -= len(batch)
+        return batch
 
     def unsubscribe(self) -> None:
         self._hub._subscribers.discard(self)
@@ -67,12 +90,22 @@ class Subscription(Generic[E]):
 
 
 class Hub(Generic[E]):
-    def __init__(self, max_subscribers: int = 1000) -> None:
+    """Fans committed events out to subscribers, at most once per `flush_interval`
+    seconds: the first events after a quiet spell go out at once, and under load the
+    events of that interval go out together, which bounds the messages each watcher
+    stream writes (the dominant cost of fan-out) whatever the commit rate."""
+
+    def __init__(self, max_subscribers: int = 1000, flush_interval: float = 0.0) -> None:
         self._subscribers: set[Subscription[E]] = set()
         self._max_subscribers = max_subscribers
+        self._flush_interval = flush_interval
+        self._pending: list[E] = []
+        self._flush_due: asyncio.TimerHandle | None = None
+        self._last_flush = float("-inf")
         self._closed = False
 
-    def subscribe(self, accepts: Callable[[E], bool], limit: int) -> Subscription[E]:
+    def subscribe(self, accepts: Callable[[E], bool] | None, limit: int) -> Subscription[E]:
+        """`accepts` filters events (None: every event)."""
         if len(self._subscribers) >= self._max_subscribers:
             raise ResourceLimitError(
                 f"too many watchers (limit {self._max_subscribers}); try again later"
@@ -84,13 +117,29 @@ class Hub(Generic[E]):
         return sub
 
     def publish(self, events: Iterable[E]) -> None:
-        events = list(events)
-        for sub in tuple(self._subscribers):
-            for event in events:
-                sub.offer(event)
+        self._pending.extend(events)
+        if not self._pending or self._flush_due is not None:
+            return
+        loop = asyncio.get_running_loop()
+        wait = self._last_flush + self._flush_interval - loop.time()
+        if wait <= 0:
+            self._flush()
+        else:
+            self._flush_due = loop.call_later(wait, self._flush)
+
+    def _flush(self) -> None:
+        self._flush_due = None
+        batch, self._pending = self._pending, []
+        self._last_flush = asyncio.get_running_loop().time()
+        if batch:
+            for sub in tuple(self._subscribers):
+                sub.offer(batch)
 
     def close(self) -> None:
-        """Ends every subscription (server shutdown)."""
+        """Delivers what is pending, then ends every subscription (server shutdown)."""
+        if self._flush_due is not None:
+            self._flush_due.cancel()
+            self._flush()
         self._closed = True
         for sub in tuple(self._subscribers):
             sub.close()

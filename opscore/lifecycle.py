@@ -53,7 +53,7 @@ class Lifecycle:
         # Agent tokens by SHA-256, and back (authentication on only).
         self._token_owner: dict[str, str] = {}
         self._agent_token: dict[str, str] = {}
-        self._hub: Hub[AgentEvent] = Hub(settings.max_watchers)
+        self._hub: Hub[AgentEvent] = Hub(settings.max_watchers, settings.watch_flush_interval)
         store.add_commit_listener(
             lambda events: self._hub.publish(e for e in events if isinstance(e, AgentEvent))
         )
@@ -331,7 +331,10 @@ class Lifecycle:
         def matches(event: AgentEvent) -> bool:
             return event.agent is not None and flt.matches(event.agent)
 
-        with self._hub.subscribe(matches, self._settings.watch_buffer) as live:
+        unfiltered = not flt.agent_ids and not flt.states and not flt.capability
+        with self._hub.subscribe(
+            None if unfiltered else matches, self._settings.watch_buffer
+        ) as live:
             if send_initial_state:
                 agents, last = await self._store.snapshot_agents(flt)
                 now = self._clock.now()
@@ -354,7 +357,9 @@ class Lifecycle:
             else:
                 last = await self._store.current_revision()
             while True:
-                batch = [e for e in await live.next_batch(WATCH_BATCH) if e.revision > last]
+                batch = await live.next_batch(WATCH_BATCH)
+                if batch[0].revision <= last:  # overlaps the replayed history
+                    batch = [e for e in batch if e.revision > last]
                 if batch:
                     last = batch[-1].revision
                     yield batch

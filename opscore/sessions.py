@@ -39,7 +39,7 @@ class SessionTracker:
         self._store = store
         self._clock = clock
         self._settings = settings
-        self._hub: Hub[SessionEvent] = Hub(settings.max_watchers)
+        self._hub: Hub[SessionEvent] = Hub(settings.max_watchers, settings.watch_flush_interval)
         store.add_commit_listener(
             lambda events: self._hub.publish(e for e in events if isinstance(e, SessionEvent))
         )

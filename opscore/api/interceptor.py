@@ -22,6 +22,17 @@ def _peer_host(context: Any) -> str:
     return peer.rsplit(":", 1)[0]
 
 
+def _passing_bytes(serialize: Callable[[Any], bytes] | None) -> Callable[[Any], bytes]:
+    """A response serializer that lets a stream yield bytes it serialized itself (watch
+    fan-out serializes each event once for every watcher)."""
+    assert serialize is not None
+
+    def serialize_unless_bytes(response: Any) -> bytes:
+        return response if isinstance(response, bytes) else serialize(response)
+
+    return serialize_unless_bytes
+
+
 class EdgeInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     """Wraps each method's handler once (cached): bytes in, parsed here so garbage is
     INVALID_ARGUMENT rather than INTERNAL; then who may call; then the servicer."""
@@ -84,6 +95,6 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                     await abort(context, exc, method)
 
             return grpc.unary_stream_rpc_method_handler(
-                stream_behavior, None, handler.response_serializer
+                stream_behavior, None, _passing_bytes(handler.response_serializer)
             )
         return handler

@@ -19,23 +19,40 @@ from opscore.models import AgentEvent, AgentEventType
 Context = grpc.aio.ServicerContext[Any, Any]
 
 
+_EVENTS_TAG = b"\x0a"  # WatchAgentStatesResponse.events: field 1, length-delimited
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _framed(event: AgentEvent) -> bytes:
+    message = pb.AgentEvent()
+    convert.event_to_proto(event, message)
+    body = message.SerializeToString()
+    return _EVENTS_TAG + _varint(len(body)) + body
+
+
 class EventCache:
-    """Converts each committed event to protobuf once and shares it among every
-    watcher (fan-out to many watchers would otherwise convert it once per watcher)."""
+    """Serializes each committed event once, framed as one `events` entry of a
+    WatchAgentStatesResponse, so a response to any watcher is the concatenation of
+    cached bytes: fan-out costs no per-watcher protobuf work."""
 
     def __init__(self, size: int = 8192) -> None:
         self._size = size
-        self._items: OrderedDict[int, pb.AgentEvent] = OrderedDict()
+        self._items: OrderedDict[int, bytes] = OrderedDict()
 
-    def get(self, event: AgentEvent) -> pb.AgentEvent:
+    def framed(self, event: AgentEvent) -> bytes:
         if event.type in (AgentEventType.SNAPSHOT, AgentEventType.SYNCED):
-            message = pb.AgentEvent()  # per-watcher, not a committed event
-            convert.event_to_proto(event, message)
-            return message
+            return _framed(event)  # per watcher, not a committed event
         cached = self._items.get(event.revision)
         if cached is None:
-            cached = self._items[event.revision] = pb.AgentEvent()
-            convert.event_to_proto(event, cached)
+            cached = self._items[event.revision] = _framed(event)
             if len(self._items) > self._size:
                 self._items.popitem(last=False)
         return cached
@@ -108,10 +125,12 @@ class LifecycleServicer(lifecycle_pb2_grpc.LifecycleServiceServicer):
         response.liveness_timeout.FromTimedelta(timedelta(seconds=self._lifecycle.liveness_timeout))
         return response
 
-    async def WatchAgentStates(
+    async def WatchAgentStates(  # type: ignore[override]
         self, request: pb.WatchAgentStatesRequest, context: Context
-    ) -> AsyncIterator[pb.WatchAgentStatesResponse]:
+    ) -> AsyncIterator[bytes]:
+        """Yields serialized WatchAgentStatesResponse messages (the interceptor passes
+        bytes through), built from the shared EventCache."""
         flt = convert.watch_filter(request)
         since = request.since_revision if request.HasField("since_revision") else None
         async for batch in self._lifecycle.watch(flt, since, request.send_initial_state):
-            yield pb.WatchAgentStatesResponse(events=[self._events.get(e) for e in batch])
+            yield b"".join([self._events.framed(e) for e in batch])
