@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -62,7 +63,38 @@ class Settings(BaseSettings):
     max_watchers: int = Field(1000, ge=1)  # per watch kind (agents, sessions)
     max_concurrent_streams: int = Field(1000, ge=1)  # per HTTP/2 connection
     max_message_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    max_capabilities: int = Field(64, ge=1)  # per agent
+    max_metadata_entries: int = Field(64, ge=0)  # per agent
+    max_metadata_bytes: int = Field(16 * 1024, ge=0)  # per agent, keys and values
+    max_details_bytes: int = Field(16 * 1024, ge=0)  # state details, serialized
+    max_payload_bytes: int = Field(256 * 1024, ge=0)  # input, output, parameters
+    max_struct_depth: int = Field(32, ge=1)  # nesting of any Struct field
+    max_tasks_per_definition: int = Field(1000, ge=1)
     shutdown_grace: float = Field(5.0, ge=0)
+
+    def limits(self) -> Limits:
+        return Limits(
+            max_capabilities=self.max_capabilities,
+            max_metadata_entries=self.max_metadata_entries,
+            max_metadata_bytes=self.max_metadata_bytes,
+            max_details_bytes=self.max_details_bytes,
+            max_payload_bytes=self.max_payload_bytes,
+            max_struct_depth=self.max_struct_depth,
+            max_tasks_per_definition=self.max_tasks_per_definition,
+        )
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Request size limits checked at the edge (defaults as in Settings)."""
+
+    max_capabilities: int = 64
+    max_metadata_entries: int = 64
+    max_metadata_bytes: int = 16 * 1024
+    max_details_bytes: int = 16 * 1024
+    max_payload_bytes: int = 256 * 1024
+    max_struct_depth: int = 32
+    max_tasks_per_definition: int = 1000
 
 
 def load_settings(**overrides: object) -> Settings:

@@ -58,9 +58,6 @@ class WorkflowDefinition:
     tasks: tuple[TaskDefinition, ...]
     created_at: datetime | None = None
 
-    def task(self, task_id: str) -> TaskDefinition:
-        return next(t for t in self.tasks if t.task_id == task_id)
-
     def dependencies(self) -> dict[str, set[str]]:
         """Each task's prerequisites: its depends_on plus every task whose
         next_task_id names it."""
@@ -76,7 +73,9 @@ class WorkflowDefinition:
         return [t.task_id for t in self.tasks if t.task_id not in needed]
 
 
-def validate(defn: WorkflowDefinition, prefix: str = "definition") -> None:
+def validate(
+    defn: WorkflowDefinition, prefix: str = "definition", max_tasks: int = MAX_TASKS
+) -> None:
     """Raises InvalidArgumentError listing every problem of the definition."""
     problems: list[FieldViolation] = []
 
@@ -92,8 +91,8 @@ def validate(defn: WorkflowDefinition, prefix: str = "definition") -> None:
         bad("version", "must be at most 64 characters")
     if not defn.tasks:
         bad("tasks", "a workflow needs at least one task")
-    if len(defn.tasks) > MAX_TASKS:
-        bad("tasks", f"at most {MAX_TASKS} tasks")
+    if len(defn.tasks) > max_tasks:
+        bad("tasks", f"at most {max_tasks} tasks")
 
     index: dict[str, int] = {}
     for i, task in enumerate(defn.tasks):

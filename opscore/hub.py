@@ -143,6 +143,3 @@ class Hub(Generic[E]):
         self._closed = True
         for sub in tuple(self._subscribers):
             sub.close()
-
-    def __len__(self) -> int:
-        return len(self._subscribers)

@@ -137,10 +137,10 @@ class OpsCoreServer:
             ],
         )
         lifecycle_pb2_grpc.add_LifecycleServiceServicer_to_server(
-            LifecycleServicer(self._lifecycle), server
+            LifecycleServicer(self._lifecycle, self.settings.limits()), server
         )
         workflow_pb2_grpc.add_WorkflowServiceServicer_to_server(
-            WorkflowServicer(self._engine), server
+            WorkflowServicer(self._engine, self.settings.limits()), server
         )
         session_pb2_grpc.add_SessionServiceServicer_to_server(
             SessionServicer(self._sessions, self._engine), server

@@ -69,7 +69,7 @@ class WorkflowEngine:
     # -- definitions -------------------------------------------------------------
 
     async def create_definition(self, definition: WorkflowDefinition) -> WorkflowDefinition:
-        definitions.validate(definition)
+        definitions.validate(definition, max_tasks=self._settings.max_tasks_per_definition)
         stamped = dataclasses.replace(definition, created_at=self._clock.now())
         created = await self._store.create_definition(stamped)
         self._forget_definition(definition.id)
@@ -120,7 +120,7 @@ class WorkflowEngine:
         """Creates the session and queues its first tasks in one transaction; the same
         request_id returns the first session instead of starting another."""
         if isinstance(definition, WorkflowDefinition):
-            definitions.validate(definition)
+            definitions.validate(definition, max_tasks=self._settings.max_tasks_per_definition)
             resolved = definition
         else:
             resolved = await self.get_definition(*definition)

@@ -13,9 +13,6 @@ from google.protobuf.message import Message
 from opscore.errors import FieldViolation, InvalidArgumentError
 from opscore.models import ID_PATTERN, MAX_ID_LENGTH
 
-MAX_STRUCT_BYTES = 16 * 1024
-MAX_STRUCT_DEPTH = 32
-
 
 def _shape(value: struct_pb2.Struct | struct_pb2.ListValue) -> tuple[int, bool]:
     """Nesting depth of a Struct or ListValue (1 for a flat one), and whether every
@@ -61,16 +58,14 @@ class Violations:
         if value not in {int(a) for a in names}:
             self.add(field, f"must be one of {', '.join(a.name for a in names)} (got {value})")
 
-    def struct(
-        self, field: str, value: struct_pb2.Struct, max_bytes: int = MAX_STRUCT_BYTES
-    ) -> None:
+    def struct(self, field: str, value: struct_pb2.Struct, max_bytes: int, max_depth: int) -> None:
         size = value.ByteSize()
         if size > max_bytes:
             self.add(field, f"must be at most {max_bytes} bytes serialized (got {size})")
             return
         depth, finite = _shape(value)
-        if depth > MAX_STRUCT_DEPTH:
-            self.add(field, f"must nest at most {MAX_STRUCT_DEPTH} levels deep")
+        if depth > max_depth:
+            self.add(field, f"must nest at most {max_depth} levels deep")
         if not finite:
             self.add(field, "numbers must be finite (no NaN or infinity)")
 

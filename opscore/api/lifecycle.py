@@ -13,6 +13,7 @@ from opspawn.opscore.v1 import lifecycle_pb2_grpc
 
 from opscore.api import lifecycle_convert as convert
 from opscore.api.fields import optional_time, require_id, set_time, struct_to_dict
+from opscore.config import Limits
 from opscore.lifecycle import Lifecycle
 from opscore.models import AgentEvent, AgentEventType
 
@@ -59,12 +60,13 @@ class EventCache:
 
 
 class LifecycleServicer(lifecycle_pb2_grpc.LifecycleServiceServicer):
-    def __init__(self, lifecycle: Lifecycle) -> None:
+    def __init__(self, lifecycle: Lifecycle, limits: Limits) -> None:
         self._lifecycle = lifecycle
+        self._limits = limits
         self._events = EventCache()
 
     async def RegisterAgent(self, request: pb.RegisterAgentRequest, context: Context) -> pb.Agent:
-        registration = convert.registration_from_proto(request)
+        registration = convert.registration_from_proto(request, self._limits)
         agent, token = await self._lifecycle.register(registration)
         response = convert.agent_to_proto(agent)
         response.agent_token = token or ""
@@ -103,7 +105,7 @@ class LifecycleServicer(lifecycle_pb2_grpc.LifecycleServiceServicer):
     async def UpdateAgentState(
         self, request: pb.UpdateAgentStateRequest, context: Context
     ) -> pb.Agent:
-        state = convert.reported_state(request)
+        state = convert.reported_state(request, self._limits)
         agent = await self._lifecycle.update_state(
             request.agent_id,
             state,

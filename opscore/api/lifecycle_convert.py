@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from opspawn.opscore.v1 import lifecycle_pb2 as pb
 
-from opscore.api.fields import MAX_STRUCT_BYTES, Violations, dict_to_struct, set_time
+from opscore.api.fields import Violations, dict_to_struct, set_time
+from opscore.config import Limits
 from opscore.models import (
     REPORTABLE_STATES,
     Agent,
@@ -14,36 +15,33 @@ from opscore.models import (
     AgentState,
 )
 
-MAX_CAPABILITIES = 64
-MAX_METADATA_ENTRIES = 64
-MAX_METADATA_BYTES = MAX_STRUCT_BYTES
 MAX_WATCH_AGENT_IDS = 1000
 
 
-def registration_from_proto(req: pb.RegisterAgentRequest) -> AgentRegistration:
+def registration_from_proto(req: pb.RegisterAgentRequest, limits: Limits) -> AgentRegistration:
     v = Violations()
     v.identifier("agent_id", req.agent_id, required=False)
     v.text("name", req.name, max_len=256, required=True)
     v.text("version", req.version, max_len=64)
     v.text("contact_endpoint", req.contact_endpoint, max_len=512)
-    if len(req.capabilities) > MAX_CAPABILITIES:
-        v.add("capabilities", f"at most {MAX_CAPABILITIES} capabilities")
+    if len(req.capabilities) > limits.max_capabilities:
+        v.add("capabilities", f"at most {limits.max_capabilities} capabilities")
     seen: set[str] = set()
     for i, cap in enumerate(req.capabilities):
         v.text(f"capabilities[{i}]", cap, max_len=128, required=True)
         if cap in seen:
             v.add(f"capabilities[{i}]", f"duplicate capability {cap!r}")
         seen.add(cap)
-    if len(req.metadata) > MAX_METADATA_ENTRIES:
-        v.add("metadata", f"at most {MAX_METADATA_ENTRIES} entries")
+    if len(req.metadata) > limits.max_metadata_entries:
+        v.add("metadata", f"at most {limits.max_metadata_entries} entries")
     total = 0
     for key, value in sorted(req.metadata.items()):
         path = f"metadata[{key[:64]}]"
         v.text(path, key, max_len=128, required=True)
         v.text(path, value, max_len=1024)
         total += len(key) + len(value)
-    if total > MAX_METADATA_BYTES:
-        v.add("metadata", f"must be at most {MAX_METADATA_BYTES} bytes in all")
+    if total > limits.max_metadata_bytes:
+        v.add("metadata", f"must be at most {limits.max_metadata_bytes} bytes in all")
     v.raise_if_any()
     return AgentRegistration(
         agent_id=req.agent_id,
@@ -55,11 +53,11 @@ def registration_from_proto(req: pb.RegisterAgentRequest) -> AgentRegistration:
     )
 
 
-def reported_state(req: pb.UpdateAgentStateRequest) -> AgentState:
+def reported_state(req: pb.UpdateAgentStateRequest, limits: Limits) -> AgentState:
     v = Violations()
     v.identifier("agent_id", req.agent_id)
     v.enum("state", req.state, REPORTABLE_STATES)
-    v.struct("details", req.details)
+    v.struct("details", req.details, limits.max_details_bytes, limits.max_struct_depth)
     v.raise_if_any()
     return AgentState(req.state)
 

@@ -7,23 +7,25 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
+from google.protobuf import struct_pb2
 from opspawn.opscore.v1 import session_pb2, workflow_pb2, workflow_pb2_grpc
 
 from opscore.api import workflow_convert as convert
 from opscore.api.access import current_principal
 from opscore.api.fields import Violations, require_id, set_time, struct_to_dict
+from opscore.config import Limits
 from opscore.workflow import WorkflowEngine
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
 MAX_IN_FLIGHT = 1000
-MAX_INPUT_BYTES = 256 * 1024
 MAX_ERROR_MESSAGE = 8192
 
 
 class WorkflowServicer(workflow_pb2_grpc.WorkflowServiceServicer):
-    def __init__(self, engine: WorkflowEngine) -> None:
+    def __init__(self, engine: WorkflowEngine, limits: Limits) -> None:
         self._engine = engine
+        self._limits = limits
 
     async def CreateWorkflowDefinition(
         self, request: workflow_pb2.CreateWorkflowDefinitionRequest, context: Context
@@ -31,7 +33,7 @@ class WorkflowServicer(workflow_pb2_grpc.WorkflowServiceServicer):
         v = Violations()
         if not request.HasField("definition"):
             v.add("definition", "is required")
-        _check_tasks(v, request.definition)
+        self._check_tasks(v, request.definition)
         v.raise_if_any()
         created = await self._engine.create_definition(
             convert.definition_from_proto(request.definition)
@@ -75,9 +77,9 @@ class WorkflowServicer(workflow_pb2_grpc.WorkflowServiceServicer):
         v.text("workflow_definition_version", request.workflow_definition_version, max_len=64)
         v.identifier("agent_id", request.agent_id, required=False)
         v.text("request_id", request.request_id, max_len=256)
-        v.struct("input", request.input, MAX_INPUT_BYTES)
+        self._payload(v, "input", request.input)
         if source == "definition":
-            _check_tasks(v, request.definition)
+            self._check_tasks(v, request.definition)
         v.raise_if_any()
         definition = (
             convert.definition_from_proto(request.definition)
@@ -113,7 +115,7 @@ class WorkflowServicer(workflow_pb2_grpc.WorkflowServiceServicer):
     ) -> workflow_pb2.CompleteTaskResponse:
         v = Violations()
         v.text("task_token", request.task_token, max_len=1024, required=True)
-        v.struct("output", request.output, MAX_INPUT_BYTES)
+        self._payload(v, "output", request.output)
         v.raise_if_any()
         await self._engine.complete_task(
             request.task_token, struct_to_dict(request.output), _caller()
@@ -143,18 +145,20 @@ class WorkflowServicer(workflow_pb2_grpc.WorkflowServiceServicer):
         set_time(response.deadline, deadline)
         return response
 
+    def _payload(self, v: Violations, field: str, value: struct_pb2.Struct) -> None:
+        v.struct(field, value, self._limits.max_payload_bytes, self._limits.max_struct_depth)
 
-def _check_tasks(v: Violations, definition: workflow_pb2.WorkflowDefinition) -> None:
-    """What protobuf lets through but a definition must not hold: oversized or
-    non-finite parameters, malformed durations. (The graph is judged by the domain.)"""
-    for i, task in enumerate(definition.tasks):
-        where = f"definition.tasks[{i}]"
-        v.struct(f"{where}.parameters", task.parameters, MAX_INPUT_BYTES)
-        v.duration(f"{where}.timeout", task.timeout)
-        v.duration(f"{where}.retry_policy.initial_interval", task.retry_policy.initial_interval)
-        v.duration(f"{where}.retry_policy.maximum_interval", task.retry_policy.maximum_interval)
-        if not math.isfinite(task.retry_policy.backoff_coefficient):
-            v.add(f"{where}.retry_policy.backoff_coefficient", "must be a finite number")
+    def _check_tasks(self, v: Violations, definition: workflow_pb2.WorkflowDefinition) -> None:
+        """What protobuf lets through but a definition must not hold: oversized or
+        non-finite parameters, malformed durations. (The graph is judged by the domain.)"""
+        for i, task in enumerate(definition.tasks):
+            where = f"definition.tasks[{i}]"
+            self._payload(v, f"{where}.parameters", task.parameters)
+            v.duration(f"{where}.timeout", task.timeout)
+            v.duration(f"{where}.retry_policy.initial_interval", task.retry_policy.initial_interval)
+            v.duration(f"{where}.retry_policy.maximum_interval", task.retry_policy.maximum_interval)
+            if not math.isfinite(task.retry_policy.backoff_coefficient):
+                v.add(f"{where}.retry_policy.backoff_coefficient", "must be a finite number")
 
 
 def _caller() -> str:

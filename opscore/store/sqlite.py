@@ -143,10 +143,13 @@ class SqliteStore(Store):
         if self._conn is not None:
             await loop.run_in_executor(self._writer, self._conn.close)
             self._conn = None
+        self._writer.shutdown()
+        # Reads still running (e.g. of a call cancelled by shutdown) must finish before
+        # their connections close under them.
+        await asyncio.to_thread(self._readers.shutdown, wait=True)
         for conn in self._reader_conns:
             conn.close()
-        self._writer.shutdown()
-        self._readers.shutdown()
+        self._reader_conns.clear()
 
     # -- group commit ------------------------------------------------------------
 
@@ -247,7 +250,11 @@ class SqliteStore(Store):
             finally:
                 conn.execute("COMMIT")
 
-        return await asyncio.get_running_loop().run_in_executor(self._readers, run)
+        try:
+            future = asyncio.get_running_loop().run_in_executor(self._readers, run)
+        except RuntimeError:  # the reader pool is shut down
+            raise StorageError("store is closed") from None
+        return await future
 
     # -- agents ------------------------------------------------------------------
 

@@ -54,6 +54,15 @@ async def test_agent_worker_runs_with_its_own_token(
         assert done.status is SessionStatus.COMPLETED
         assert done.output == {"step_2": {"upstream": "x"}}
 
+        rotated = await operator.rotate_agent_token("worker-1")
+        assert rotated.agent_token.startswith("oat_")
+        assert rotated.agent_token != registered.agent_token
+        async with OpsCoreClient(server.address, token=registered.agent_token) as old:
+            with pytest.raises(errors.UnauthenticatedError):
+                await old.heartbeat("worker-1")
+        async with OpsCoreClient(server.address, token=rotated.agent_token) as new:
+            assert (await new.heartbeat("worker-1")).state is not None
+
     async with OpsCoreClient(server.address, timeout=5) as anonymous:
         with pytest.raises(errors.UnauthenticatedError):
             await anonymous.get_agent("worker-1")

@@ -418,3 +418,81 @@ async def test_rate_limit_is_per_caller_with_auth(
         for _ in range(5):
             await lc.ListAgents(L.ListAgentsRequest(), metadata=viewer)
         await fails(lc.ListAgents(L.ListAgentsRequest()), grpc.StatusCode.UNAUTHENTICATED)
+
+
+async def test_request_limits_are_configurable(
+    start_server: Any, settings: Settings, clock: FakeClock
+) -> None:
+    """Capabilities, metadata, details, payload, nesting and tasks-per-definition limits
+    follow the settings, each refused as INVALID_ARGUMENT on the field at fault."""
+    tight = settings.model_copy(
+        update={
+            "max_capabilities": 2,
+            "max_metadata_entries": 1,
+            "max_details_bytes": 64,
+            "max_payload_bytes": 64,
+            "max_struct_depth": 2,
+            "max_tasks_per_definition": 1,
+        }
+    )
+    server = await start_server(tight, clock)
+    async with grpc.aio.insecure_channel(server.address) as channel:
+        ops = Stubs(channel)
+        await ops.agent()
+        err = await fails(
+            ops.lifecycle.RegisterAgent(
+                L.RegisterAgentRequest(
+                    agent_id="b",
+                    name="b",
+                    capabilities=["x", "y", "z"],
+                    metadata={"a": "1", "b": "2"},
+                )
+            ),
+            INVALID,
+        )
+        assert "capabilities" in (err.details() or "") and "metadata" in (err.details() or "")
+        details = struct_pb2.Struct()
+        details.update({"text": "x" * 100})
+        await fails(
+            ops.lifecycle.UpdateAgentState(
+                L.UpdateAgentStateRequest(
+                    agent_id="agent-a", state=L.AGENT_STATE_IDLE, details=details
+                )
+            ),
+            INVALID,
+        )
+        nested = struct_pb2.Struct()
+        nested.update({"a": {"b": {"c": 1}}})
+        await fails(
+            ops.lifecycle.UpdateAgentState(
+                L.UpdateAgentStateRequest(
+                    agent_id="agent-a", state=L.AGENT_STATE_IDLE, details=nested
+                )
+            ),
+            INVALID,
+        )
+        two_tasks = W.WorkflowDefinition(
+            id="wf",
+            tasks=[
+                W.TaskDefinition(task_id="a", agent_capability="work"),
+                W.TaskDefinition(task_id="b", agent_capability="work", depends_on=["a"]),
+            ],
+        )
+        err = await fails(
+            ops.workflow.CreateWorkflowDefinition(
+                W.CreateWorkflowDefinitionRequest(definition=two_tasks)
+            ),
+            INVALID,
+        )
+        assert "definition.tasks" in (err.details() or "")
+        one_task = W.WorkflowDefinition(
+            id="wf", tasks=[W.TaskDefinition(task_id="a", agent_capability="work")]
+        )
+        big_input = struct_pb2.Struct()
+        big_input.update({"text": "x" * 100})
+        await fails(
+            ops.workflow.StartWorkflow(
+                W.StartWorkflowRequest(definition=one_task, input=big_input)
+            ),
+            INVALID,
+        )
