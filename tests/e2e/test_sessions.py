@@ -270,6 +270,27 @@ async def test_cancel_pending_session_and_default_reason(ops: Harness) -> None:
     await agent.expect_none()
 
 
+async def test_cancel_while_waiting_for_a_retry(ops: Harness, rpc: Rpc) -> None:
+    """A session cancelled while its task waits out a retry backoff is never retried:
+    the task ends CANCELLED and nothing reaches the agent after the delay passes."""
+    agent = await ops.agent("w", ["work"])
+    session = await ops.start(single())
+    first = await agent.next()
+    await agent.fail(first, "flaky", retryable=True)
+    waiting = await ops.wait_status(session.session_id, S.SESSION_STATUS_RUNNING)
+    assert task_of(waiting, "only").status == S.TASK_STATUS_RETRY_WAIT
+    cancelled = await ops.sessions.CancelSession(
+        S.CancelSessionRequest(session_id=session.session_id, reason="enough")
+    )
+    assert cancelled.status == S.SESSION_STATUS_CANCELLED
+    assert task_of(cancelled, "only").status == S.TASK_STATUS_CANCELLED
+    await ops.tick(5)
+    await agent.expect_none()
+    history = await ops.events(session.session_id)
+    assert event_types(history)[-2:] == ["TASK_CANCELLED", "SESSION_CANCELLED"]
+    assert len(of_type(history, "TASK_DISPATCHED")) == 1
+
+
 async def test_cancel_refusals(ops: Harness, rpc: Rpc) -> None:
     """Cancelling a finished session is FAILED_PRECONDITION (and changes nothing); an
     unknown one NOT_FOUND; a missing id or an over-long reason INVALID_ARGUMENT."""
