@@ -496,3 +496,27 @@ async def test_request_limits_are_configurable(
             ),
             INVALID,
         )
+
+
+async def test_streams_per_connection_limit(
+    start_server: Any, settings: Settings, clock: FakeClock
+) -> None:
+    """max_concurrent_streams caps the calls one HTTP/2 connection has open at once: with
+    two watches open, a third call waits (the client queues it) until a watch ends."""
+    server = await start_server(settings.model_copy(update={"max_concurrent_streams": 2}), clock)
+    async with grpc.aio.insecure_channel(server.address) as channel:
+        ops = Stubs(channel)
+        await ops.agent()
+        watches = [
+            ops.lifecycle.WatchAgentStates(L.WatchAgentStatesRequest(send_initial_state=True))
+            for _ in range(2)
+        ]
+        for watch in watches:
+            await asyncio.wait_for(watch.read(), READ_TIMEOUT)  # open and answering
+        third = asyncio.ensure_future(ops.lifecycle.GetAgent(L.GetAgentRequest(agent_id="agent-a")))
+        done, _ = await asyncio.wait({third}, timeout=0.5)
+        assert not done, "a third concurrent call was served past the limit"
+        watches[0].cancel()
+        agent = await asyncio.wait_for(third, READ_TIMEOUT)
+        assert agent.agent_id == "agent-a"
+        watches[1].cancel()
