@@ -1,10 +1,15 @@
 """What the client commands share: the --address, --token and --json options,
-argument parsers, and running SDK calls with one-line errors and exit codes."""
+argument parsers, and running SDK calls with one-line errors and exit codes.
+
+TLS for the client commands comes from the environment only, as it rarely changes
+between commands: OPSCORE_CLIENT_TLS_CA (trust this CA; switches to TLS), plus
+OPSCORE_CLIENT_TLS_CERT and OPSCORE_CLIENT_TLS_KEY for mutual TLS."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Annotated, Any, TypeVar
 
@@ -77,8 +82,16 @@ def run(address: str, token: str | None, action: Callable[[OpsCoreClient], Await
     one-line message and exit code 1. (Typer already turns Ctrl-C into exit 130 and a
     closed pipe, as in `| head`, into a quiet exit 1.)"""
 
+    env = os.environ.get
+
     async def main() -> T:
-        async with OpsCoreClient(address, token=token) as client:
+        async with OpsCoreClient(
+            address,
+            token=token,
+            tls_ca=env("OPSCORE_CLIENT_TLS_CA") or None,
+            tls_cert=env("OPSCORE_CLIENT_TLS_CERT") or None,
+            tls_key=env("OPSCORE_CLIENT_TLS_KEY") or None,
+        ) as client:
             return await action(client)
 
     try:

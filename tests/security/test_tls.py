@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import ipaddress
+import json
+import os
+import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -281,3 +285,31 @@ def test_incomplete_tls_settings_refuse_to_start(
         update[field] = pki.server.key_path if field == "tls_key" else paths[which]
     with pytest.raises(ConfigurationError):
         OpsCoreServer(settings.model_copy(update=update), FakeClock())
+
+
+async def test_cli_talks_mutual_tls_from_environment(
+    start_server: Any, settings: Settings, clock: FakeClock, pki: Pki
+) -> None:
+    """The `opscore` client commands use TLS (and a client certificate) from
+    OPSCORE_CLIENT_TLS_*; without them the same command fails with exit code 1."""
+    server = await start_server(tls_settings(settings, pki, mutual=True), clock)
+    base = {**os.environ, "OPSCORE_ADDRESS": f"localhost:{server.port}"}
+    tls = {
+        "OPSCORE_CLIENT_TLS_CA": str(pki.ca.path),
+        "OPSCORE_CLIENT_TLS_CERT": str(pki.client.cert_path),
+        "OPSCORE_CLIENT_TLS_KEY": str(pki.client.key_path),
+    }
+
+    async def cli(env: dict[str, str]) -> tuple[int, str]:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "opscore", "agent", "list", "--json",
+            env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        out, err = await asyncio.wait_for(proc.communicate(), 60)
+        return proc.returncode or 0, (out or err).decode()
+
+    code, out = await cli({**base, **tls})
+    assert code == 0, out
+    assert json.loads(out) == []
+    code, out = await cli(base)
+    assert code == 1 and out.startswith("opscore:"), out
