@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
+import logging
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
@@ -51,3 +53,16 @@ class FakeClock:
                 future.set_result(None)
         for _ in range(5):  # let woken tasks reach their next await
             await asyncio.sleep(0)
+
+
+async def every(clock: Clock, interval: float, job: Callable[[], Awaitable[object]]) -> None:
+    """Runs `job` every `interval` seconds of `clock` until cancelled; a failing run is
+    logged and the next one still happens (background jobs must not die quietly)."""
+    while True:
+        await clock.sleep(interval)
+        try:
+            await job()
+        except Exception:
+            logging.getLogger(__name__).exception(
+                "background job failed", extra={"job": getattr(job, "__qualname__", str(job))}
+            )

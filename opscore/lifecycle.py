@@ -9,11 +9,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from datetime import datetime, timedelta
 
 from opscore import auth, paging
-from opscore.clock import Clock
+from opscore.clock import Clock, every
 from opscore.config import Settings
 from opscore.errors import (
     AgentNotFoundError,
@@ -181,11 +181,9 @@ class Lifecycle:
         size = paging.page_size(page_size)
         fp = paging.fingerprint(sorted(flt.states), flt.capability, sorted(flt.agent_ids))
         after = paging.decode(page_token, fp)
-        agents, revision = await self._store.list_agents(flt, after, size + 1)
-        if len(agents) <= size:
-            return Page(agents, "", revision)
-        agents = agents[:size]
-        return Page(agents, paging.encode(agents[-1].agent_id, fp), revision)
+        fetched, revision = await self._store.list_agents(flt, after, size + 1)
+        agents, token = paging.cut(fetched, size, lambda a: a.agent_id, fp)
+        return Page(agents, token, revision)
 
     # -- state reports -----------------------------------------------------------
 
@@ -300,21 +298,15 @@ class Lifecycle:
         return went_offline
 
     async def run_liveness_checks(self) -> None:
-        await self._every(self._settings.liveness_check_interval, self.mark_silent_agents_offline)
+        await every(
+            self._clock, self._settings.liveness_check_interval, self.mark_silent_agents_offline
+        )
+
+    async def compact_history(self) -> int:
+        return await self._store.compact_agent_events(self._settings.event_history_limit)
 
     async def run_compaction(self) -> None:
-        async def compact() -> int:
-            return await self._store.compact_agent_events(self._settings.event_history_limit)
-
-        await self._every(self._settings.compaction_interval, compact)
-
-    async def _every(self, interval: float, job: Callable[[], Awaitable[int]]) -> None:
-        while True:
-            await self._clock.sleep(interval)
-            try:
-                await job()
-            except Exception:
-                log.exception("background job failed")
+        await every(self._clock, self._settings.compaction_interval, self.compact_history)
 
     # -- watch -------------------------------------------------------------------
 

@@ -6,8 +6,12 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+from collections.abc import Callable
+from typing import TypeVar
 
 from opscore.errors import InvalidArgumentError
+
+T = TypeVar("T")
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
@@ -45,3 +49,21 @@ def decode(token: str, filters_fingerprint: str) -> str:
             "page_token", "token belongs to a list with other filters; start again without it"
         )
     return cursor
+
+
+def decode_int(token: str, filters_fingerprint: str) -> int:
+    """A numeric cursor (0 for no token)."""
+    cursor = decode(token, filters_fingerprint)
+    if cursor and not cursor.isdigit():
+        raise InvalidArgumentError.single("page_token", "not a token from this list")
+    return int(cursor or 0)
+
+
+def cut(
+    fetched: list[T], size: int, cursor_of: Callable[[T], str], filters_fingerprint: str
+) -> tuple[list[T], str]:
+    """From `size + 1` fetched items: the page, and the token of the next one ("" when
+    this is the last page)."""
+    if len(fetched) <= size:
+        return fetched, ""
+    return fetched[:size], encode(cursor_of(fetched[size - 1]), filters_fingerprint)

@@ -7,9 +7,9 @@ from collections.abc import AsyncIterator
 from datetime import timedelta
 
 from opscore import paging
-from opscore.clock import Clock
+from opscore.clock import Clock, every
 from opscore.config import Settings
-from opscore.errors import InvalidArgumentError, SessionNotFoundError
+from opscore.errors import SessionNotFoundError
 from opscore.hub import Hub
 from opscore.models import Page
 from opscore.runs import FINISHED, Run, RunFilter, SessionEvent, SessionEventType
@@ -25,13 +25,6 @@ TERMINAL_EVENTS = frozenset(
     }
 )
 HISTORY_BATCH = 500
-
-
-def _cursor(token: str, fingerprint: str) -> int:
-    cursor = paging.decode(token, fingerprint)
-    if cursor and not cursor.isdigit():
-        raise InvalidArgumentError.single("page_token", "not a token from this list")
-    return int(cursor or 0)
 
 
 class SessionTracker:
@@ -55,23 +48,19 @@ class SessionTracker:
         shown, so sessions created meanwhile never shift later pages."""
         size = paging.page_size(page_size)
         fp = paging.fingerprint(sorted(flt.statuses), flt.workflow_definition_id, flt.agent_id)
-        found = await self._store.list_runs(flt, _cursor(page_token, fp), size + 1)
-        runs = [run for _, run in found[:size]]
-        if len(found) <= size:
-            return Page(runs, "")
-        return Page(runs, paging.encode(str(found[size - 1][0]), fp))
+        fetched = await self._store.list_runs(flt, paging.decode_int(page_token, fp), size + 1)
+        page, token = paging.cut(fetched, size, lambda found: str(found[0]), fp)
+        return Page([run for _, run in page], token)
 
     async def events(self, session_id: str, page_size: int, page_token: str) -> Page[SessionEvent]:
         """The run's history in sequence order; NOT_FOUND for an unknown session."""
         size = paging.page_size(page_size)
         fp = paging.fingerprint("events", session_id)
-        after = _cursor(page_token, fp)
-        found = await self._store.list_session_events(session_id, after, size + 1)
-        if not found and after == 0:
+        after = paging.decode_int(page_token, fp)
+        fetched = await self._store.list_session_events(session_id, after, size + 1)
+        if not fetched and after == 0:
             await self.get(session_id)  # NOT_FOUND rather than an empty history
-        if len(found) <= size:
-            return Page(found, "")
-        return Page(found[:size], paging.encode(str(found[size - 1].sequence), fp))
+        return Page(*paging.cut(fetched, size, lambda e: str(e.sequence), fp))
 
     async def watch(self, session_id: str, since_sequence: int) -> AsyncIterator[SessionEvent]:
         """Every event after `since_sequence` in order, then live ones; ends after the
@@ -117,9 +106,4 @@ class SessionTracker:
         return pruned
 
     async def run_retention(self) -> None:
-        while True:
-            await self._clock.sleep(self._settings.compaction_interval)
-            try:
-                await self.prune()
-            except Exception:
-                log.exception("session pruning failed")
+        await every(self._clock, self._settings.compaction_interval, self.prune)

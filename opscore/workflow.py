@@ -14,7 +14,7 @@ from datetime import datetime
 from typing import TypeVar
 
 from opscore import definitions, paging
-from opscore.clock import Clock
+from opscore.clock import Clock, every
 from opscore.config import Settings
 from opscore.definitions import WorkflowDefinition
 from opscore.dispatch import Dispatcher
@@ -96,11 +96,8 @@ class WorkflowEngine:
         after = tuple(cursor.split("\x00", 1)) if cursor else ("", "")
         if len(after) != 2:
             raise InvalidArgumentError.single("page_token", "not a token from this list")
-        found = await self._store.list_definitions((after[0], after[1]), size + 1)
-        if len(found) <= size:
-            return Page(found, "")
-        last = found[size - 1]
-        return Page(found[:size], paging.encode(f"{last.id}\x00{last.version}", "definitions"))
+        fetched = await self._store.list_definitions((after[0], after[1]), size + 1)
+        return Page(*paging.cut(fetched, size, lambda d: f"{d.id}\x00{d.version}", "definitions"))
 
     async def delete_definition(self, definition_id: str, version: str) -> None:
         deleted = await self._store.delete_definition(definition_id, version)
@@ -228,13 +225,13 @@ class WorkflowEngine:
         return len(expired)
 
     async def run_scheduler(self) -> None:
+        await every(self._clock, self._settings.scheduler_interval, self.tick)
+
+    async def tick(self) -> None:
         """Expires leases and wakes the dispatcher for retries whose backoff passed."""
-        while True:
-            await self._clock.sleep(self._settings.scheduler_interval)
-            try:
-                await self.expire_leases()
-            except Exception:
-                log.exception("lease check failed")
+        try:
+            await self.expire_leases()
+        finally:
             self.dispatcher.wake()
 
     def issue_token(self, key: TaskKey) -> str:
