@@ -136,7 +136,7 @@ def optional_micros(value: datetime | None) -> int | None:
     return None if value is None else to_micros(value)
 
 
-def optional_time(value: int | None) -> datetime | None:
+def optional_from_micros(value: int | None) -> datetime | None:
     return None if value is None else from_micros(value)
 
 

@@ -14,10 +14,10 @@ from opscore.store.codec import (
     definition_to_json,
     dumps,
     from_micros,
+    optional_from_micros,
     optional_json,
     optional_loads,
     optional_micros,
-    optional_time,
     to_micros,
 )
 
@@ -54,7 +54,7 @@ def run_from_rows(conn: sqlite3.Connection, row: Sequence[Any]) -> Run:
         request_id=row[7] or "",
         created_at=from_micros(row[8]),
         updated_at=from_micros(row[9]),
-        ended_at=optional_time(row[10]),
+        ended_at=optional_from_micros(row[10]),
         last_sequence=row[11],
     )
     specs = {t.task_id: t for t in definition.tasks}
@@ -70,9 +70,9 @@ def run_from_rows(conn: sqlite3.Connection, row: Sequence[Any]) -> Run:
             output=optional_loads(t[5]),
             error=t[6],
             ended_by=t[7],
-            ready_at=optional_time(t[8]),
-            lease_expires_at=optional_time(t[9]),
-            updated_at=optional_time(t[10]),
+            ready_at=optional_from_micros(t[8]),
+            lease_expires_at=optional_from_micros(t[9]),
+            updated_at=optional_from_micros(t[10]),
         )
     return run
 
