@@ -35,11 +35,10 @@ class Rule:
     agent_tasks: bool = False
 
 
-_L, _W, _S = (
-    "/opspawn.opscore.v1.LifecycleService/",
-    "/opspawn.opscore.v1.WorkflowService/",
-    ("/opspawn.opscore.v1.SessionService/"),
-)
+_PACKAGE = "/opspawn.opscore.v1."
+_L = _PACKAGE + "LifecycleService/"
+_W = _PACKAGE + "WorkflowService/"
+_S = _PACKAGE + "SessionService/"
 RULES: dict[str, Rule] = {
     _L + "RegisterAgent": Rule(WRITERS, agent_self=True),
     _L + "DeregisterAgent": Rule(ADMINS, agent_self=True),
