@@ -34,6 +34,7 @@ WORKFLOW_TARGET = 0.25  # completed single-step workflows/s >= 25% of the empty-
 DISPATCH_P99_TARGET_MS = 10.0  # at half the measured workflow throughput
 PARTS = ("unary", "watch", "workflow")
 SERVER_SRC = REPO  # replaced by --server-src
+SERVER_ENV: dict[str, str] = {}  # --server-env
 
 
 def _max_revision(db: Path) -> int:
@@ -47,7 +48,7 @@ def _server_notes(server: ServerProcess) -> dict[str, Any]:
 
 
 def run_baseline(in_flight: int, procs: int, warmup: float, seconds: float) -> dict[str, Any]:
-    with ServerProcess(SERVER_SRC) as server:
+    with ServerProcess(SERVER_SRC, SERVER_ENV) as server:
         result = measure_rate(server, "health", in_flight, procs, warmup, seconds)
         server.stop()
         result["server"] = _server_notes(server)
@@ -55,7 +56,7 @@ def run_baseline(in_flight: int, procs: int, warmup: float, seconds: float) -> d
 
 
 def run_updates(in_flight: int, procs: int, warmup: float, seconds: float) -> dict[str, Any]:
-    with ServerProcess(SERVER_SRC) as server:
+    with ServerProcess(SERVER_SRC, SERVER_ENV) as server:
         ids = agent_ids(AGENTS)
         register_agents(server.address, ids)
         result = measure_rate(server, "update", in_flight, procs, warmup, seconds, ids)
@@ -74,7 +75,7 @@ def run_updates(in_flight: int, procs: int, warmup: float, seconds: float) -> di
 
 
 def run_watch(watchers: int, procs: int, rate: int, seconds: float) -> dict[str, Any]:
-    with ServerProcess(SERVER_SRC) as server:
+    with ServerProcess(SERVER_SRC, SERVER_ENV) as server:
         ids = agent_ids(AGENTS)
         register_agents(server.address, ids)
         result = measure_watch(server, ids, watchers, procs, rate, seconds)
@@ -86,7 +87,7 @@ def run_watch(watchers: int, procs: int, rate: int, seconds: float) -> dict[str,
 def run_workflow(
     agents: int, warmup: float, seconds: float, in_flight: int = 0, rate: float = 0.0
 ) -> dict[str, Any]:
-    with ServerProcess(SERVER_SRC) as server:
+    with ServerProcess(SERVER_SRC, SERVER_ENV) as server:
         ids = wf_agent_ids(agents)
         setup(server.address, ids)
         result = measure_workflow(server, ids, warmup, seconds, in_flight=in_flight, rate=rate)
@@ -347,12 +348,24 @@ def main(argv: list[str] | None = None) -> int:
         default=REPO,
         help="source tree to serve, e.g. `git archive HEAD | tar -x -C DIR` (default: here)",
     )
+    parser.add_argument(
+        "--server-env",
+        action="append",
+        default=[],
+        metavar="OPSCORE_X=V",
+        help="a server setting for every server of the run (repeatable)",
+    )
     args = parser.parse_args(argv)
     parts = {p.strip() for p in args.only.split(",") if p.strip()}
     if not parts or parts - set(PARTS):
         parser.error(f"--only takes a comma-separated subset of {', '.join(PARTS)}")
     global SERVER_SRC
     SERVER_SRC = args.server_src.resolve()
+    for item in args.server_env:
+        name, sep, value = item.partition("=")
+        if not sep or not name.startswith("OPSCORE_"):
+            parser.error(f"--server-env takes OPSCORE_NAME=VALUE, not {item!r}")
+        SERVER_ENV[name] = value
     if SERVER_SRC != REPO:
         # Client processes use the same generated stubs as the server they talk to.
         stubs = str(SERVER_SRC / "generated")
@@ -369,6 +382,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine_info(),
         "settings": {"seconds": seconds, "warmup": warmup, "quick": args.quick},
         "server_src": str(SERVER_SRC),
+        "server_env": SERVER_ENV,
         "client_procs": args.client_procs,
         "baseline": {},
         "updates": {},

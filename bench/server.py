@@ -15,6 +15,7 @@ import tempfile
 import threading
 import time
 from collections import deque
+from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
 
@@ -34,8 +35,14 @@ class ServerProcess:
 
     `src` is the source tree to serve (default: this checkout)."""
 
-    def __init__(self, src: Path = REPO, startup_timeout: float = 20.0) -> None:
+    def __init__(
+        self,
+        src: Path = REPO,
+        env: Mapping[str, str] | None = None,
+        startup_timeout: float = 20.0,
+    ) -> None:
         self.src = src
+        self._env = dict(env or {})
         self._startup_timeout = startup_timeout
         self._tmp = tempfile.TemporaryDirectory(prefix="opscore-bench-")
         self.db = Path(self._tmp.name) / "bench.db"
@@ -74,7 +81,9 @@ class ServerProcess:
                 self.problems.append(line.strip()[:500])
 
     def start(self) -> ServerProcess:
+        # Default settings unless the benchmark sets some (`--server-env`).
         env = {k: v for k, v in os.environ.items() if not k.startswith("OPSCORE_")}
+        env.update(self._env)
         if self.src != REPO:  # serve another checkout (e.g. a `git archive` of a commit)
             env["PYTHONPATH"] = os.pathsep.join([str(self.src), str(self.src / "generated")])
         self.proc = subprocess.Popen(

@@ -36,8 +36,12 @@ class Settings(BaseSettings):
     compaction_interval: float = Field(10.0, gt=0)
     # Events a watcher may fall behind by before it is dropped.
     watch_buffer: int = Field(1024, ge=1)
-    # Under load, watchers get the events of this many seconds in one message.
+    # Under load, watchers get the events of at least this many seconds in one message,
+    # and longer when there are many watchers: fan-out writes at most
+    # watch_messages_per_second stream messages (each costs the event loop ~50 us,
+    # whatever its size; see bench/README.md).
     watch_flush_interval: float = Field(0.005, ge=0, le=1)
+    watch_messages_per_second: int = Field(8000, ge=100)
 
     # Finished sessions and their history are kept this long (seconds; default 7 days).
     session_retention: float = Field(7 * 24 * 3600.0, gt=0)

@@ -32,13 +32,14 @@ class Subscription(Generic[E]):
         self.overflowed = False
         self.closed = False
 
-    def offer(self, events: list[E]) -> None:
+    def offer(self, events: list[E]) -> bool:
+        """Queues the events this subscriber accepts; True if there were any."""
         if self.overflowed:
-            return
+            return False
         if self._accepts is not None:
             events = [e for e in events if self._accepts(e)]
         if not events:
-            return
+            return False
         if self._count + len(events) > self._limit:
             self.overflowed = True
             self._chunks.clear()
@@ -47,6 +48,7 @@ class Subscription(Generic[E]):
             self._chunks.append(events)
             self._count += len(events)
         self._ready.set()
+        return True
 
     def close(self) -> None:
         self.closed = True
@@ -90,18 +92,26 @@ class Subscription(Generic[E]):
 
 
 class Hub(Generic[E]):
-    """Fans committed events out to subscribers, at most once per `flush_interval`
-    seconds: the first events after a quiet spell go out at once, and under load the
-    events of that interval go out together, which bounds the messages each watcher
-    stream writes (the dominant cost of fan-out) whatever the commit rate."""
+    """Fans committed events out to subscribers. The first events after a quiet spell
+    go out at once; under load the events of an interval go out together, so the
+    stream messages written (the dominant cost of fan-out) stay bounded whatever the
+    commit rate. The interval is `flush_interval`, or longer when the last flush
+    reached so many subscribers that flushing sooner would exceed
+    `messages_per_second`."""
 
-    def __init__(self, max_subscribers: int = 1000, flush_interval: float = 0.0) -> None:
+    def __init__(
+        self,
+        max_subscribers: int = 1000,
+        flush_interval: float = 0.0,
+        messages_per_second: float = float("inf"),
+    ) -> None:
         self._subscribers: set[Subscription[E]] = set()
         self._max_subscribers = max_subscribers
         self._flush_interval = flush_interval
+        self._messages_per_second = messages_per_second
         self._pending: list[E] = []
         self._flush_due: asyncio.TimerHandle | None = None
-        self._last_flush = float("-inf")
+        self._next_flush = float("-inf")
         self._closed = False
 
     def subscribe(self, accepts: Callable[[E], bool] | None, limit: int) -> Subscription[E]:
@@ -121,7 +131,7 @@ class Hub(Generic[E]):
         if not self._pending or self._flush_due is not None:
             return
         loop = asyncio.get_running_loop()
-        wait = self._last_flush + self._flush_interval - loop.time()
+        wait = self._next_flush - loop.time()
         if wait <= 0:
             self._flush()
         else:
@@ -130,10 +140,9 @@ class Hub(Generic[E]):
     def _flush(self) -> None:
         self._flush_due = None
         batch, self._pending = self._pending, []
-        self._last_flush = asyncio.get_running_loop().time()
-        if batch:
-            for sub in tuple(self._subscribers):
-                sub.offer(batch)
+        reached = sum(sub.offer(batch) for sub in tuple(self._subscribers)) if batch else 0
+        spacing = max(self._flush_interval, reached / self._messages_per_second)
+        self._next_flush = asyncio.get_running_loop().time() + spacing
 
     def close(self) -> None:
         """Delivers what is pending, then ends every subscription (server shutdown)."""

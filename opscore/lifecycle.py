@@ -53,7 +53,11 @@ class Lifecycle:
         # Agent tokens by SHA-256, and back (authentication on only).
         self._token_owner: dict[str, str] = {}
         self._agent_token: dict[str, str] = {}
-        self._hub: Hub[AgentEvent] = Hub(settings.max_watchers, settings.watch_flush_interval)
+        self._hub: Hub[AgentEvent] = Hub(
+            settings.max_watchers,
+            settings.watch_flush_interval,
+            settings.watch_messages_per_second,
+        )
         store.add_commit_listener(
             lambda events: self._hub.publish(e for e in events if isinstance(e, AgentEvent))
         )

@@ -32,7 +32,11 @@ class SessionTracker:
         self._store = store
         self._clock = clock
         self._settings = settings
-        self._hub: Hub[SessionEvent] = Hub(settings.max_watchers, settings.watch_flush_interval)
+        self._hub: Hub[SessionEvent] = Hub(
+            settings.max_watchers,
+            settings.watch_flush_interval,
+            settings.watch_messages_per_second,
+        )
         store.add_commit_listener(
             lambda events: self._hub.publish(e for e in events if isinstance(e, SessionEvent))
         )

@@ -1,4 +1,4 @@
-"""The Store contract, run against every backend (today: SQLite)."""
+"""The Store contract, run against every backend (today: SQLite, both commit paths)."""
 
 from __future__ import annotations
 
@@ -19,6 +19,8 @@ NOW = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 
 BACKENDS: dict[str, Callable[[Path], Store]] = {
     "sqlite": lambda tmp: SqliteStore(tmp / "store.db", max_batch=64),
+    # FULL commits run on the writer thread instead of the event loop.
+    "sqlite-full": lambda tmp: SqliteStore(tmp / "store.db", synchronous="FULL", max_batch=64),
 }
 
 
