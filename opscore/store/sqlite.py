@@ -60,6 +60,7 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_INTERVAL = 0.5  # seconds between WAL checkpoints when batches run inline
 WAL_SIZE_LIMIT = 64 * 1024 * 1024  # the WAL file is truncated to this after a checkpoint
+DELETE_CHUNK = 2000  # rows (events) deleted per write by housekeeping
 
 R = TypeVar("R")
 # A write job: runs inside the batch transaction (on the loop or the writer thread, see
@@ -437,22 +438,26 @@ class SqliteStore(Store):
         return await self._read(read)
 
     async def compact_agent_events(self, keep: int) -> int:
-        def job(conn: sqlite3.Connection, _events: list[Any]) -> int:
+        """Deletes in chunks, each its own write, so a large backlog (a first
+        compaction, a long-idle server) never holds the writer or the loop for long."""
+
+        def job(conn: sqlite3.Connection, _events: list[Any]) -> tuple[int, bool]:
             compacted = int(
                 conn.execute("SELECT value FROM meta WHERE key = 'compacted_revision'").fetchone()[
                     0
                 ]
             )
-            cutoff = self._revision - keep
-            if cutoff > compacted:
-                conn.execute("DELETE FROM agent_events WHERE revision <= ?", (cutoff,))
-                conn.execute(
-                    "UPDATE meta SET value = ? WHERE key = 'compacted_revision'", (cutoff,)
-                )
-                compacted = cutoff
-            return compacted
+            cutoff = min(self._revision - keep, compacted + DELETE_CHUNK)
+            if cutoff <= compacted:
+                return compacted, True
+            conn.execute("DELETE FROM agent_events WHERE revision <= ?", (cutoff,))
+            conn.execute("UPDATE meta SET value = ? WHERE key = 'compacted_revision'", (cutoff,))
+            return cutoff, False
 
-        return await self._write(job)
+        while True:
+            compacted, done = await self._write(job)
+            if done:
+                return compacted
 
     async def current_revision(self) -> int:
         return self._committed_revision
@@ -675,12 +680,15 @@ class SqliteStore(Store):
         return await self._read(read)
 
     async def prune_runs(self, ended_before: datetime) -> int:
+        """Deletes in chunks, each its own write (see compact_agent_events)."""
+
         def job(conn: sqlite3.Connection, _events: list[Any]) -> int:
             doomed = [
                 r[0]
                 for r in conn.execute(
-                    "SELECT session_id FROM sessions WHERE ended_at IS NOT NULL AND ended_at < ?",
-                    (to_micros(ended_before),),
+                    "SELECT session_id FROM sessions WHERE ended_at IS NOT NULL AND ended_at < ? "
+                    "LIMIT ?",
+                    (to_micros(ended_before), max(1, DELETE_CHUNK // 8)),  # ~8 rows each
                 )
             ]
             for table in ("session_events", "tasks", "sessions"):
@@ -689,4 +697,7 @@ class SqliteStore(Store):
                 )
             return len(doomed)
 
-        return await self._write(job)
+        pruned = 0
+        while count := await self._write(job):
+            pruned += count
+        return pruned

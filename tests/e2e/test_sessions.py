@@ -12,6 +12,8 @@ import pytest
 from opspawn.opscore.v1 import session_pb2 as S
 from workflow_support import definition, event_types, of_type, single, task, task_of, to_dict
 
+from opscore.store import sqlite as sqlite_store
+
 if TYPE_CHECKING:
     from conftest import Rpc
     from workflow_support import Harness
@@ -545,3 +547,18 @@ async def test_finished_sessions_are_pruned_after_retention(ops: Harness, rpc: R
 
     await ops.tick(3600, step=100)
     assert {s.session_id for s in await ops.list_all()} == {still_running.session_id}
+
+
+@pytest.mark.opscore_settings(session_retention=60, compaction_interval=10)
+async def test_pruning_a_backlog_takes_several_chunks(
+    ops: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Retention deletes a backlog one bounded chunk per write (one session each here),
+    and still deletes all of it."""
+    monkeypatch.setattr(sqlite_store, "DELETE_CHUNK", 8)
+    for _ in range(5):
+        run = await ops.start(single("other", "nobody_has_it"))
+        await ops.sessions.CancelSession(S.CancelSessionRequest(session_id=run.session_id))
+    assert len(await ops.list_all()) == 5
+    await ops.tick(80, step=10)
+    assert await ops.list_all() == []

@@ -1,6 +1,6 @@
-"""The SQLite store checkpoints its WAL itself when commits run on the event loop
-(SQLite's auto-checkpoint is off there): under continuous writes the WAL must still
-restart from its beginning instead of growing without bound."""
+"""SQLite housekeeping that must not stall the server: the WAL checkpoints the store
+runs itself when commits run on the event loop (SQLite's auto-checkpoint is off
+there), and compaction in bounded chunks."""
 
 from __future__ import annotations
 
@@ -8,10 +8,30 @@ import struct
 import time
 from pathlib import Path
 
+import pytest
+
 from opscore.models import AgentState
 from opscore.store import sqlite as sqlite_store
 from opscore.store.sqlite import SqliteStore
 from tests.store.test_store_contract import create, new_agent, set_state
+
+
+async def test_compaction_deletes_in_chunks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A backlog bigger than one chunk is compacted by several writes, to the same end."""
+    monkeypatch.setattr(sqlite_store, "DELETE_CHUNK", 3)
+    store = SqliteStore(tmp_path / "store.db")
+    await store.open()
+    try:
+        await store.change_agent("a", create(new_agent("a")))
+        for i in range(20):
+            await store.change_agent("a", set_state((AgentState.IDLE, AgentState.BUSY)[i % 2]))
+        assert await store.compact_agent_events(keep=5) == 16
+        events, compacted = await store.agent_events_after(0, 100)
+        assert compacted == 16 and [e.revision for e in events] == [17, 18, 19, 20, 21]
+    finally:
+        await store.close()
 
 
 def wal_frames(db: Path) -> int:
