@@ -559,54 +559,87 @@ class SqliteStore(Store):
         now: datetime,
         dispatch: Callable[[Run, str, str], Assignment],
     ) -> Claim:
-        capabilities = sorted({c for o in offers for c in o.capabilities})
         total = sum(o.slots for o in offers)
-        limit = total * 4 + 16
+        limit = total * 4 + 16  # rows per look: enough for every slot, some left behind
 
         def job(conn: sqlite3.Connection, events: list[Any]) -> Claim:
-            rows = conn.execute(
-                "SELECT session_id, task_id, capability, pinned_agent FROM tasks "
-                "WHERE ready_at IS NOT NULL AND ready_at <= ? "
-                f"AND capability IN ({', '.join('?' * len(capabilities))}) "
-                "ORDER BY ready_at, rowid LIMIT ?",
-                (to_micros(now), *capabilities, limit),
-            ).fetchall()
             slots = [o.slots for o in offers]
             runs: dict[str, Run] = {}
             claimed: list[tuple[int, Assignment]] = []
             left_behind: set[str] = set()
-            seen_all = len(rows) < limit
-            for session_id, task_id, capability, pinned in rows:
-                if not any(slots):
-                    seen_all = False
-                    break
-                chosen = next(
-                    (
-                        i
-                        for i, o in enumerate(offers)
-                        if slots[i] > 0
-                        and capability in o.capabilities
-                        and pinned in ("", o.agent_id)
-                    ),
-                    None,
-                )
-                if chosen is None:
-                    left_behind.add(capability)
-                    continue
-                run = runs.get(session_id) or runs_sql.load_run(conn, session_id)
-                assert run is not None
-                runs[session_id] = run
-                claimed.append((chosen, dispatch(run, task_id, offers[chosen].agent_id)))
-                slots[chosen] -= 1
-            for run in runs.values():
-                runs_sql.save_run(conn, run)
-                events.extend(run.new_events)
-            exhausted = frozenset(capabilities) - left_behind if seen_all else frozenset()
-            return Claim(claimed, list(runs.values()), exhausted)
+            after = (-1, -1)  # (ready_at, rowid) of the last row looked at
+            while True:
+                # Only rows some offer with a free slot may take: a backlog pinned to
+                # busy agents, or of capabilities whose agents are full, never fills
+                # the window ahead of work an idle agent could take.
+                open_offers = [o for o, free in zip(offers, slots, strict=True) if free > 0]
+                wanted = sorted({c for o in open_offers for c in o.capabilities})
+                agents = sorted({o.agent_id for o in open_offers})
+                if not wanted:
+                    return self._claimed(conn, events, claimed, runs, now, set())
+                rows = conn.execute(
+                    "SELECT ready_at, rowid, session_id, task_id, capability, pinned_agent "
+                    "FROM tasks WHERE ready_at IS NOT NULL AND ready_at <= ? "
+                    "AND (ready_at, rowid) > (?, ?) "
+                    f"AND capability IN ({', '.join('?' * len(wanted))}) "
+                    f"AND pinned_agent IN ('', {', '.join('?' * len(agents))}) "
+                    "ORDER BY ready_at, rowid LIMIT ?",
+                    (to_micros(now), *after, *wanted, *agents, limit),
+                ).fetchall()
+                for _ready_at, _rowid, session_id, task_id, capability, pinned in rows:
+                    chosen = next(
+                        (
+                            i
+                            for i, o in enumerate(offers)
+                            if slots[i] > 0
+                            and capability in o.capabilities
+                            and pinned in ("", o.agent_id)
+                        ),
+                        None,
+                    )
+                    if chosen is None:
+                        left_behind.add(capability)
+                        continue
+                    run = runs.get(session_id) or runs_sql.load_run(conn, session_id)
+                    assert run is not None
+                    runs[session_id] = run
+                    claimed.append((chosen, dispatch(run, task_id, offers[chosen].agent_id)))
+                    slots[chosen] -= 1
+                if len(rows) < limit:  # every row the open offers may take was seen
+                    maybe_exhausted = set(wanted) - left_behind if any(slots) else set()
+                    return self._claimed(conn, events, claimed, runs, now, maybe_exhausted)
+                after = (rows[-1][0], rows[-1][1])
 
-        if not capabilities or total <= 0:
+        if total <= 0:
             return Claim([], [], frozenset())
         return await self._write(job)
+
+    @staticmethod
+    def _claimed(
+        conn: sqlite3.Connection,
+        events: list[Any],
+        claimed: list[tuple[int, Assignment]],
+        runs: dict[str, Run],
+        now: datetime,
+        maybe_exhausted: set[str],
+    ) -> Claim:
+        """Saves the claimed runs; a capability is exhausted only if no ready task needs
+        it at all (tasks pinned to busy agents included: their agents' freed slots must
+        still wake the dispatcher)."""
+        for run in runs.values():
+            runs_sql.save_run(conn, run)
+            events.extend(run.new_events)
+        if maybe_exhausted:
+            maybe_exhausted -= {
+                row[0]
+                for row in conn.execute(
+                    "SELECT DISTINCT capability FROM tasks "
+                    "WHERE ready_at IS NOT NULL AND ready_at <= ? "
+                    f"AND capability IN ({', '.join('?' * len(maybe_exhausted))})",
+                    (to_micros(now), *sorted(maybe_exhausted)),
+                )
+            }
+        return Claim(claimed, list(runs.values()), frozenset(maybe_exhausted))
 
     async def expired_leases(self, now: datetime) -> list[TaskKey]:
         def read(conn: sqlite3.Connection) -> list[TaskKey]:

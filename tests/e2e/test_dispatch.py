@@ -155,6 +155,23 @@ async def test_pinned_run_waits_for_its_busy_agent(ops: Harness) -> None:
     assert (await ops.session(first.session_id)).status == S.SESSION_STATUS_COMPLETED
 
 
+async def test_backlog_pinned_to_a_busy_agent_does_not_hold_up_other_work(
+    ops: Harness,
+) -> None:
+    """Ready tasks no free slot may take (pinned to a busy agent) do not hide work an
+    idle agent could take, however many of them are queued ahead of it."""
+    await ops.define(single("one"))
+    busy = await ops.agent("busy", ["work"], max_in_flight=1)
+    await ops.start("one")
+    await busy.next()  # busy is full from here on
+    for _ in range(30):  # more than one claim query's window
+        await ops.start("one", agent_id="busy")
+    late = await ops.start("one")
+    assert (await ops.session(late.session_id)).status == S.SESSION_STATUS_PENDING
+    idle = await ops.agent("idle", ["work"], max_in_flight=1)  # its stream opens a pass
+    assert (await idle.next()).session_id == late.session_id
+
+
 async def test_stream_tasks_refusals(ops: Harness, rpc: Rpc) -> None:
     """StreamTasks refuses an unknown agent (NOT_FOUND) and malformed requests
     (INVALID_ARGUMENT naming agent_id / max_in_flight)."""
