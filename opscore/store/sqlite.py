@@ -9,7 +9,7 @@ COMMIT. Where the batch runs matters more than anything else for latency:
   commit). Handing them to a thread instead costs a GIL handoff per statement, and
   under load each handoff waits up to the interpreter's switch interval (5 ms):
   that was most of the watch latency. Checkpoints, which do fsync, run on the writer
-  thread, once a second, between batches.
+  thread every half second (see _write_loop).
 * With `synchronous=FULL` every commit fsyncs, so batches run on the writer thread
   (SQLite's own auto-checkpoint included).
 
@@ -98,7 +98,7 @@ class SqliteStore(Store):
         self._checkpoint_conn: sqlite3.Connection | None = None  # inline mode, writer thread
         self._queue: asyncio.Queue[_Job | None] = asyncio.Queue()
         self._loop_task: asyncio.Task[None] | None = None
-        self._revision = 0  # writer thread only: the last revision handed out
+        self._revision = 0  # the batch runner's: the last revision handed out
         self._committed_revision = 0
 
     # -- lifecycle ---------------------------------------------------------------
