@@ -8,6 +8,7 @@ import sqlite3
 from collections.abc import Sequence
 from typing import Any
 
+from opscore.errors import StorageError
 from opscore.runs import Run, SessionEvent, SessionEventType, SessionStatus, TaskRun, TaskStatus
 from opscore.store.codec import (
     definition_from_json,
@@ -25,10 +26,12 @@ SESSION_COLUMNS = (
     "session_id, definition, agent_id, status, input, output, error, request_id, "
     "created_at, updated_at, ended_at, last_sequence"
 )
-TASK_COLUMNS = (
-    "task_id, status, attempt, failures, agent_id, output, error, ended_by, ready_at, "
+# The columns of a task row that change as its run goes on (see _task_state).
+TASK_STATE = (
+    "status, attempt, failures, agent_id, output, error, ended_by, ready_at, "
     "lease_expires_at, updated_at"
 )
+TASK_COLUMNS = f"task_id, {TASK_STATE}"
 EVENT_COLUMNS = "session_id, sequence, type, task_id, attempt, agent_id, detail, occurred_at"
 
 
@@ -99,7 +102,7 @@ def insert_run(conn: sqlite3.Connection, run: Run) -> None:
             run.last_sequence,
         ),
     )
-    _write_changes(conn, run)
+    _write_changes(conn, run, new=True)
 
 
 def save_run(conn: sqlite3.Connection, run: Run) -> None:
@@ -119,34 +122,52 @@ def save_run(conn: sqlite3.Connection, run: Run) -> None:
     _write_changes(conn, run)
 
 
-def _write_changes(conn: sqlite3.Connection, run: Run) -> None:
-    positions = {t.task_id: i for i, t in enumerate(run.definition.tasks)}
-    conn.executemany(
-        "INSERT OR REPLACE INTO tasks (session_id, task_id, position, capability, pinned_agent, "
-        "status, attempt, failures, agent_id, output, error, ended_by, ready_at, "
-        "lease_expires_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        [
-            (
-                run.session_id,
-                task_id,
-                positions[task_id],
-                task.spec.agent_capability,
-                run.agent_id,
-                int(task.status),
-                task.attempt,
-                task.failures,
-                task.agent_id,
-                optional_json(task.output),
-                task.error,
-                task.ended_by,
-                optional_micros(task.ready_at),
-                optional_micros(task.lease_expires_at),
-                to_micros(task.updated_at or run.created_at),
-            )
-            for task_id in sorted(run.changed_tasks)
-            for task in (run.tasks[task_id],)
-        ],
+def _task_state(run: Run, task: TaskRun) -> tuple[Any, ...]:
+    """The TASK_STATE columns of a task row."""
+    return (
+        int(task.status),
+        task.attempt,
+        task.failures,
+        task.agent_id,
+        optional_json(task.output),
+        task.error,
+        task.ended_by,
+        optional_micros(task.ready_at),
+        optional_micros(task.lease_expires_at),
+        to_micros(task.updated_at or run.created_at),
     )
+
+
+def _write_changes(conn: sqlite3.Connection, run: Run, new: bool = False) -> None:
+    """Writes the tasks the run changed (a new run: all of them) and its new events.
+    Existing task rows are UPDATEd, not replaced: REPLACE deletes and reinserts every
+    index entry, about three times the cost."""
+    changed = [run.tasks[task_id] for task_id in sorted(run.changed_tasks)]
+    if new:
+        positions = {t.task_id: i for i, t in enumerate(run.definition.tasks)}
+        conn.executemany(
+            "INSERT INTO tasks (session_id, task_id, position, capability, pinned_agent, "
+            f"{TASK_STATE}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [
+                (
+                    run.session_id,
+                    t.spec.task_id,
+                    positions[t.spec.task_id],
+                    t.spec.agent_capability,
+                    run.agent_id,
+                    *_task_state(run, t),
+                )
+                for t in changed
+            ],
+        )
+    else:
+        assignments = ", ".join(f"{column.strip()} = ?" for column in TASK_STATE.split(","))
+        updated = conn.executemany(
+            f"UPDATE tasks SET {assignments} WHERE session_id = ? AND task_id = ?",
+            [(*_task_state(run, t), run.session_id, t.spec.task_id) for t in changed],
+        ).rowcount
+        if updated != len(changed):  # every task row is written when its run starts
+            raise StorageError(f"session {run.session_id}: {len(changed) - updated} task rows gone")
     conn.executemany(
         f"INSERT INTO session_events ({EVENT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
         [
