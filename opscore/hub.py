@@ -40,7 +40,9 @@ class Subscription(Generic[E]):
             events = [e for e in events if self._accepts(e)]
         if not events:
             return False
-        if self._count + len(events) > self._limit:
+        # A caught-up subscriber takes any one flush (e.g. 2,000 agents going OFFLINE
+        # together): the list is shared, and only falling behind should drop it.
+        if self._count and self._count + len(events) > self._limit:
             self.overflowed = True
             self._chunks.clear()
             self._count = 0

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
+from opscore.errors import WatcherTooSlowError
 from opscore.hub import Hub
 
 
@@ -40,3 +43,18 @@ async def test_filtered_subscribers_do_not_count_against_the_budget() -> None:
         assert await asyncio.wait_for(wanted.next_batch(100), 1) == [n]
     # one message per flush: 2.5 ms apart at most 400/s, not 50 ms
     assert loop.time() - started < 0.03
+
+
+async def test_one_large_flush_reaches_caught_up_subscribers_but_laggards_are_dropped() -> None:
+    """The buffer limit is about falling behind: a caught-up subscriber takes a flush
+    bigger than its limit (many agents changing in one sweep); one that still holds
+    unread events and would exceed the limit is dropped."""
+    hub: Hub[int] = Hub(max_subscribers=10)
+    reader = hub.subscribe(None, limit=10)
+    laggard = hub.subscribe(None, limit=10)
+    hub.publish(range(25))
+    assert await reader.next_batch(100) == list(range(25))
+    hub.publish(range(25, 30))
+    assert await reader.next_batch(100) == list(range(25, 30))
+    with pytest.raises(WatcherTooSlowError):
+        await laggard.next_batch(100)
