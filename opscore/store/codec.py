@@ -34,6 +34,15 @@ AGENT_COLUMNS = (
 )
 
 
+def assignments(columns: str) -> str:
+    """`a, b` -> `a = ?, b = ?`: the SET clause of an UPDATE of those columns."""
+    return ", ".join(f"{column.strip()} = ?" for column in columns.split(","))
+
+
+# agent_to_row without its first column (agent_id), as an UPDATE's SET clause.
+AGENT_STATE_ASSIGNMENTS = assignments(AGENT_COLUMNS.split(",", 1)[1])
+
+
 def agent_to_row(agent: Agent) -> tuple[Any, ...]:
     return (
         agent.agent_id,

@@ -45,6 +45,7 @@ from opscore.store import sqlite_runs as runs_sql
 from opscore.store.base import AgentDecision, Store
 from opscore.store.codec import (
     AGENT_COLUMNS,
+    AGENT_STATE_ASSIGNMENTS,
     agent_from_json,
     agent_from_row,
     agent_to_json,
@@ -343,11 +344,16 @@ class SqliteStore(Store):
             if change.agent is None:
                 conn.execute("DELETE FROM agents WHERE agent_id = ?", (agent_id,))
                 conn.execute("DELETE FROM agent_tokens WHERE agent_id = ?", (agent_id,))
-            elif change.agent is not current:
+            elif current is None:
                 conn.execute(
-                    f"INSERT OR REPLACE INTO agents ({AGENT_COLUMNS}) "
+                    f"INSERT INTO agents ({AGENT_COLUMNS}) "
                     "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     agent_to_row(agent),
+                )
+            elif change.agent is not current:  # UPDATE: REPLACE would redo every index entry
+                conn.execute(
+                    f"UPDATE agents SET {AGENT_STATE_ASSIGNMENTS} WHERE agent_id = ?",
+                    (*agent_to_row(agent)[1:], agent_id),
                 )
             return agent, event
 

@@ -11,6 +11,7 @@ from typing import Any
 from opscore.errors import StorageError
 from opscore.runs import Run, SessionEvent, SessionEventType, SessionStatus, TaskRun, TaskStatus
 from opscore.store.codec import (
+    assignments,
     definition_from_json,
     definition_to_json,
     dumps,
@@ -161,9 +162,8 @@ def _write_changes(conn: sqlite3.Connection, run: Run, new: bool = False) -> Non
             ],
         )
     else:
-        assignments = ", ".join(f"{column.strip()} = ?" for column in TASK_STATE.split(","))
         updated = conn.executemany(
-            f"UPDATE tasks SET {assignments} WHERE session_id = ? AND task_id = ?",
+            f"UPDATE tasks SET {assignments(TASK_STATE)} WHERE session_id = ? AND task_id = ?",
             [(*_task_state(run, t), run.session_id, t.spec.task_id) for t in changed],
         ).rowcount
         if updated != len(changed):  # every task row is written when its run starts
