@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from datetime import datetime
@@ -10,6 +11,8 @@ from typing import Any, TypeVar
 from opscore.definitions import WorkflowDefinition
 from opscore.models import Agent, AgentChange, AgentEvent, AgentFilter
 from opscore.runs import Assignment, Claim, Offer, Run, RunFilter, SessionEvent, TaskKey
+
+log = logging.getLogger(__name__)
 
 # Runs inside the store's write transaction: sees the current row (or None) and
 # decides the change. Raising an OpsCoreError rolls back only this change.
@@ -31,9 +34,14 @@ class Store(ABC):
         self._listeners.append(listener)
 
     def _announce(self, events: list[Any]) -> None:
+        """A failing listener is logged: what committed stays committed, its callers
+        still get their answers, and the other listeners still hear of it."""
         if events:
             for listener in self._listeners:
-                listener(events)
+                try:
+                    listener(events)
+                except Exception:
+                    log.exception("commit listener failed")
 
     @abstractmethod
     async def open(self) -> None:

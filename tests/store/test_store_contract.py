@@ -118,6 +118,19 @@ async def test_refused_change_rolls_back_alone_in_a_batch(store: Store) -> None:
     assert [e.revision for e in events] == list(range(1, 101))  # no gap from the refusal
 
 
+async def test_failing_listener_neither_stops_writes_nor_other_listeners(store: Store) -> None:
+    heard: list[int] = []
+
+    def broken(_events: list[object]) -> None:
+        raise RuntimeError("listener bug")
+
+    store.add_commit_listener(broken)
+    store.add_commit_listener(lambda events: heard.extend(e.revision for e in events))
+    await store.change_agent("a", create(new_agent("a")))
+    agent, _ = await store.change_agent("a", set_state(AgentState.IDLE))
+    assert agent.revision == 2 and heard == [1, 2]
+
+
 async def test_delete_keeps_last_snapshot_in_event(store: Store) -> None:
     await store.change_agent("a", create(new_agent("a")))
     agent, event = await store.change_agent(
