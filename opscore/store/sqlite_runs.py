@@ -33,6 +33,7 @@ TASK_STATE = (
     "lease_expires_at, updated_at"
 )
 TASK_COLUMNS = f"task_id, {TASK_STATE}"
+TASK_STATE_ASSIGNMENTS = assignments(TASK_STATE)
 EVENT_COLUMNS = "session_id, sequence, type, task_id, attempt, agent_id, detail, occurred_at"
 
 
@@ -163,7 +164,7 @@ def _write_changes(conn: sqlite3.Connection, run: Run, new: bool = False) -> Non
         )
     else:
         updated = conn.executemany(
-            f"UPDATE tasks SET {assignments(TASK_STATE)} WHERE session_id = ? AND task_id = ?",
+            f"UPDATE tasks SET {TASK_STATE_ASSIGNMENTS} WHERE session_id = ? AND task_id = ?",
             [(*_task_state(run, t), run.session_id, t.spec.task_id) for t in changed],
         ).rowcount
         if updated != len(changed):  # every task row is written when its run starts
