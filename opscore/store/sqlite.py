@@ -9,7 +9,7 @@ COMMIT. Where the batch runs matters more than anything else for latency:
   commit). Handing them to a thread instead costs a GIL handoff per statement, and
   under load each handoff waits up to the interpreter's switch interval (5 ms):
   that was most of the watch latency. Checkpoints, which do fsync, run on the writer
-  thread every half second (see _write_loop).
+  thread every half second, then catch up briefly on the loop (see _write_loop).
 * With `synchronous=FULL` every commit fsyncs, so batches run on the writer thread
   (SQLite's own auto-checkpoint included).
 
