@@ -7,21 +7,21 @@ PROTOS := $(wildcard protos/opspawn/opscore/v1/*.proto)
 
 .PHONY: run test proto check-generated lint typecheck buf unit bench clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml sdk/pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -e ./sdk -e '.[dev]'
 	touch $(STAMP)
 
 ## Serve on 127.0.0.1:50051 with ./opscore.db (override with OPSCORE_* env vars).
 run: $(STAMP)
 	$(BIN)/opscore serve
 
-## Regenerate generated/ from protos/ (commit the result).
+## Regenerate sdk/generated/ from protos/ (commit the result).
 proto: $(STAMP)
-	scripts/gen_protos.sh generated
+	scripts/gen_protos.sh sdk/generated
 
-## Fail when generated/ differs from what the protos produce.
+## Fail when sdk/generated/ differs from what the protos produce.
 check-generated: $(STAMP)
 	scripts/check_generated.sh
 
@@ -31,8 +31,8 @@ buf: $(STAMP)
 	scripts/check_breaking.sh
 
 lint: $(STAMP)
-	$(BIN)/ruff check opscore tests bench
-	$(BIN)/ruff format --check opscore tests bench
+	$(BIN)/ruff check opscore sdk tests bench
+	$(BIN)/ruff format --check opscore sdk tests bench
 
 typecheck: $(STAMP)
 	$(BIN)/mypy

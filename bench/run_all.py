@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import agent_ids, machine_info, register_agents
-from bench.server import REPO, ServerProcess
+from bench.server import REPO, ServerProcess, import_roots
 from bench.unary import measure_rate
 from bench.watch import measure_watch
 from bench.workflow import finish_with_db, measure_workflow, setup, wf_agent_ids
@@ -374,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
         SERVER_ENV[name] = value
     if SERVER_SRC != REPO:
         # Client processes use the same generated stubs as the server they talk to.
-        stubs = str(SERVER_SRC / "generated")
+        stubs = import_roots(SERVER_SRC)[-1]
         sys.path.insert(0, stubs)
         os.environ["PYTHONPATH"] = os.pathsep.join(
             p for p in (stubs, os.environ.get("PYTHONPATH", "")) if p

@@ -30,6 +30,14 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / ticks
 
 
+def import_roots(src: Path) -> list[str]:
+    """Where a checkout's packages import from: the server tree, the SDK tree and the
+    generated code (`sdk/`, `sdk/generated`; before the SDK became its own
+    distribution, only `generated`), so benchmarks can serve older commits too."""
+    roots = [src, src / "sdk", src / "sdk" / "generated", src / "generated"]
+    return [str(root) for root in roots if root.is_dir()]
+
+
 class ServerProcess:
     """`with ServerProcess() as srv:` -> a serving Ops-Core on srv.address.
 
@@ -85,7 +93,7 @@ class ServerProcess:
         env = {k: v for k, v in os.environ.items() if not k.startswith("OPSCORE_")}
         env.update(self._env)
         if self.src != REPO:  # serve another checkout (e.g. a `git archive` of a commit)
-            env["PYTHONPATH"] = os.pathsep.join([str(self.src), str(self.src / "generated")])
+            env["PYTHONPATH"] = os.pathsep.join(import_roots(self.src))
         self.proc = subprocess.Popen(
             [
                 sys.executable,

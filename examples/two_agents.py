@@ -19,10 +19,11 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from opscore.config import Settings
-from opscore.errors import WorkflowDefinitionError
+from opscore.protocol.errors import WorkflowDefinitionError
 from opscore.sdk import Agent, OpsCoreClient, SessionStatus, TaskContext
-from opscore.server import OpsCoreServer
+
+from opscore.server.app import OpsCoreServer
+from opscore.server.config import Settings
 
 SAMPLE = Path(__file__).resolve().parent / "sample_workflow.json"
 

@@ -32,11 +32,11 @@ from google.protobuf import struct_pb2, timestamp_pb2
 from google.rpc import error_details_pb2, status_pb2
 from opspawn.opscore.v1 import lifecycle_pb2, lifecycle_pb2_grpc
 
-from opscore.clock import FakeClock
-from opscore.config import Settings
+from opscore.domain.clock import FakeClock
+from opscore.server.config import Settings
 
 if TYPE_CHECKING:
-    from opscore.server import OpsCoreServer
+    from opscore.server.app import OpsCoreServer
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 STATUS_DETAILS_KEY = "grpc-status-details-bin"
@@ -290,7 +290,7 @@ Connect = Callable[["OpsCoreServer"], Awaitable[Stub]]
 @pytest.fixture
 async def start_server() -> AsyncIterator[StartServer]:
     """Starts OpsCoreServers; any still running are stopped at teardown."""
-    from opscore.server import OpsCoreServer
+    from opscore.server.app import OpsCoreServer
 
     running: list[OpsCoreServer] = []
 

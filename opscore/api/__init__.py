@@ -1,1 +1,2 @@
-"""gRPC edge: servicers translate protobuf to domain calls; no SQL, no business rules."""
+"""The gRPC edge: servicers that only translate, converters per service, and the
+interceptor chain. No SQL, no business rules."""

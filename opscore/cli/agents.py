@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import enum
 from typing import Annotated, Any
 
 import typer
+from opscore.protocol.enums import REPORTABLE_STATES, AgentState
+from opscore.sdk import OpsCoreClient
 
 from opscore.cli import render
 from opscore.cli.common import (
@@ -16,34 +17,18 @@ from opscore.cli.common import (
     Token,
     json_object,
     key_values,
+    one_of,
     page_size,
     run,
     take,
 )
-from opscore.sdk import OpsCoreClient
 
 app: typer.Typer = typer.Typer(help="Register, inspect and watch agents.", no_args_is_help=True)
 
 
-class State(enum.StrEnum):
-    """AgentState names as choices (tests check they match the enum)."""
-
-    INITIALIZING = "INITIALIZING"
-    IDLE = "IDLE"
-    BUSY = "BUSY"
-    ERROR = "ERROR"
-    DRAINING = "DRAINING"
-    OFFLINE = "OFFLINE"
-
-
-class ReportedState(enum.StrEnum):
-    """The states an agent may report: OFFLINE is decided by the server."""
-
-    INITIALIZING = "INITIALIZING"
-    IDLE = "IDLE"
-    BUSY = "BUSY"
-    ERROR = "ERROR"
-    DRAINING = "DRAINING"
+# Every state, and the ones an agent may report (OFFLINE is decided by the server).
+STATES = one_of(s for s in AgentState if s)
+REPORTED_STATES = one_of(sorted(REPORTABLE_STATES))
 
 
 AgentId = Annotated[str, typer.Argument(metavar="AGENT", help="Agent id.")]
@@ -52,8 +37,10 @@ AgentId = Annotated[str, typer.Argument(metavar="AGENT", help="Agent id.")]
 @app.command("list")
 def list_agents(
     state: Annotated[
-        list[State] | None,
-        typer.Option(case_sensitive=False, help="Only agents in this state (repeatable)."),
+        list[str] | None,
+        typer.Option(
+            parser=STATES, metavar="STATE", help="Only agents in this state (repeatable)."
+        ),
     ] = None,
     capability: Annotated[str, typer.Option(help="Only agents with this capability.")] = "",
     limit: Limit = None,
@@ -113,8 +100,8 @@ def register(
 def update_state(
     agent_id: AgentId,
     state: Annotated[
-        ReportedState,
-        typer.Argument(case_sensitive=False, metavar="STATE", help="The state to report."),
+        str,
+        typer.Argument(parser=REPORTED_STATES, metavar="STATE", help="The state to report."),
     ],
     details: Annotated[
         dict[str, Any] | None,

@@ -8,16 +8,17 @@ OPSCORE_CLIENT_TLS_CERT and OPSCORE_CLIENT_TLS_KEY for mutual TLS."""
 from __future__ import annotations
 
 import asyncio
+import enum
 import json
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Annotated, Any, TypeVar
 
 import typer
+from opscore.protocol.errors import OpsCoreError
+from opscore.sdk import OpsCoreClient
 
 from opscore.cli import render
-from opscore.errors import OpsCoreError
-from opscore.sdk import OpsCoreClient
 
 T = TypeVar("T")
 
@@ -39,6 +40,19 @@ Token = Annotated[
 ]
 Json = Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")]
 Limit = Annotated[int | None, typer.Option(min=1, help="Show at most N.")]
+
+
+def one_of(members: Iterable[enum.IntEnum]) -> Callable[[str], str]:
+    """A parser accepting the name of one of the protocol enum's `members`, in any
+    case (the SDK takes names); anything else is a usage error listing the names."""
+    choices = [m.name for m in members]
+
+    def parse(value: str) -> str:
+        if value.upper() not in choices:
+            raise typer.BadParameter(f"{value!r} is not one of {', '.join(choices)}")
+        return value.upper()
+
+    return parse
 
 
 def json_object(text: str) -> dict[str, Any]:

@@ -6,9 +6,9 @@ from typing import Annotated
 
 import typer
 
-from opscore.auth import Role, new_operator_key
 from opscore.cli import render
 from opscore.cli.common import Json
+from opscore.domain.access import Role, new_operator_key
 
 app: typer.Typer = typer.Typer(help="Make operator keys for authentication.", no_args_is_help=True)
 

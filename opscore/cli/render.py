@@ -14,13 +14,8 @@ from datetime import datetime
 from typing import Any, TypeVar
 
 import typer
-from rich.console import Console, Group, RenderableType
-from rich.live import Live
-from rich.table import Table
-from rich.text import Text
-
-from opscore.errors import InvalidArgumentError, OpsCoreError, UnauthenticatedError
-from opscore.models import AgentEventType
+from opscore.protocol.enums import AgentEventType
+from opscore.protocol.errors import InvalidArgumentError, OpsCoreError, UnauthenticatedError
 from opscore.sdk import DeadlineExceededError, UnavailableError
 from opscore.sdk.types import (
     Agent,
@@ -29,6 +24,10 @@ from opscore.sdk.types import (
     SessionEvent,
     WorkflowDefinition,
 )
+from rich.console import Console, Group, RenderableType
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
 
 T = TypeVar("T")
 
@@ -428,7 +427,7 @@ def session_event_line(e: SessionEvent) -> Text:
 
 
 class SessionBoard:
-    """The live session view: the run and its tasks as now, and the latest events."""
+    """The live session view: the session and its tasks as now, and the latest events."""
 
     def __init__(self, session: Session) -> None:
         self.session = session
@@ -448,7 +447,7 @@ async def follow_session(
     fetch: Callable[[], Awaitable[Session]],
     as_json: bool,
 ) -> None:
-    """Follows a run until its terminal event: JSON lines, a live view on a terminal
+    """Follows a session until its terminal event: JSON lines, a live view on a terminal
     (the session is fetched again after each event), or one line per event when piped."""
     if as_json:
         async for event in events:

@@ -7,8 +7,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-
-from opscore.errors import OpsCoreError
+from opscore.protocol.errors import OpsCoreError
 
 
 def serve(
@@ -18,7 +17,10 @@ def serve(
     port: Annotated[
         int | None, typer.Option(help="Port; 0 picks a free one [OPSCORE_PORT].")
     ] = None,
-    db: Annotated[Path | None, typer.Option(help="SQLite database file [OPSCORE_DB].")] = None,
+    db: Annotated[
+        str | None,
+        typer.Option(help="SQLite file or store URL (sqlite:///path) [OPSCORE_DB]."),
+    ] = None,
     log_level: Annotated[str | None, typer.Option(help="DEBUG, INFO, WARNING or ERROR.")] = None,
     keys_file: Annotated[
         Path | None, typer.Option(help="Operator keys file (YAML/JSON) [OPSCORE_KEYS_FILE].")
@@ -38,9 +40,9 @@ def serve(
 ) -> None:
     """Serve the gRPC API until SIGTERM or Ctrl-C."""
     # Imported here: the client commands need none of it and start faster without.
-    from opscore import logs
-    from opscore.config import load_settings
-    from opscore.server import serve as run_server
+    from opscore.server import logs
+    from opscore.server.app import serve as run_server
+    from opscore.server.config import load_settings
 
     try:
         settings = load_settings(

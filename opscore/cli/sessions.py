@@ -1,37 +1,40 @@
-"""`opscore session ...`: runs, their history, live watch and cancellation."""
+"""`opscore session ...`: sessions, their history, live watch and cancellation."""
 
 from __future__ import annotations
 
-import enum
 from typing import Annotated
 
 import typer
-
-from opscore.cli import render
-from opscore.cli.common import DEFAULT_ADDRESS, Address, Json, Limit, Token, page_size, run, take
+from opscore.protocol.enums import SessionStatus
 from opscore.sdk import OpsCoreClient
 from opscore.sdk.types import Session
 
+from opscore.cli import render
+from opscore.cli.common import (
+    DEFAULT_ADDRESS,
+    Address,
+    Json,
+    Limit,
+    Token,
+    one_of,
+    page_size,
+    run,
+    take,
+)
+
 app: typer.Typer = typer.Typer(
-    help="Inspect, follow and cancel workflow runs.", no_args_is_help=True
+    help="Inspect, follow and cancel sessions (workflow runs).", no_args_is_help=True
 )
 
 
-class Status(enum.StrEnum):
-    """SessionStatus names as choices (tests check they match the enum)."""
-
-    PENDING = "PENDING"
-    RUNNING = "RUNNING"
-    COMPLETED = "COMPLETED"
-    FAILED = "FAILED"
-    CANCELLED = "CANCELLED"
+STATUSES = one_of(s for s in SessionStatus if s)
 
 
 SessionId = Annotated[str, typer.Argument(metavar="SESSION", help="Session id.")]
 
 
 async def follow(client: OpsCoreClient, session: Session, since: int, as_json: bool) -> None:
-    """Shows a run's events until it ends (`session watch`, `workflow start --wait`)."""
+    """Shows a session's events until it ends (`session watch`, `workflow start --wait`)."""
 
     async def fetch() -> Session:
         return await client.get_session(session.session_id)
@@ -43,11 +46,13 @@ async def follow(client: OpsCoreClient, session: Session, since: int, as_json: b
 @app.command("list")
 def list_sessions(
     status: Annotated[
-        list[Status] | None,
-        typer.Option(case_sensitive=False, help="Only sessions with this status (repeatable)."),
+        list[str] | None,
+        typer.Option(
+            parser=STATUSES, metavar="STATUS", help="Only sessions with this status (repeatable)."
+        ),
     ] = None,
-    workflow: Annotated[str, typer.Option(help="Only runs of this workflow.")] = "",
-    agent: Annotated[str, typer.Option(help="Only runs pinned to this agent.")] = "",
+    workflow: Annotated[str, typer.Option(help="Only sessions of this workflow.")] = "",
+    agent: Annotated[str, typer.Option(help="Only sessions pinned to this agent.")] = "",
     limit: Limit = None,
     address: Address = DEFAULT_ADDRESS,
     token: Token = None,
@@ -114,6 +119,6 @@ def cancel(
     token: Token = None,
     as_json: Json = False,
 ) -> None:
-    """Cancel a run that has not ended."""
+    """Cancel a session that has not ended."""
     session = run(address, token, lambda c: c.cancel_session(session_id, reason))
     render.show(session, as_json, render.session_status)

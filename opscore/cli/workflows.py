@@ -1,4 +1,4 @@
-"""`opscore workflow ...`: workflow definitions and starting runs."""
+"""`opscore workflow ...`: workflow definitions and starting sessions."""
 
 from __future__ import annotations
 
@@ -6,6 +6,9 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from opscore.protocol.enums import SessionStatus
+from opscore.sdk import OpsCoreClient
+from opscore.sdk.types import Session
 
 from opscore.cli import render
 from opscore.cli.common import (
@@ -20,12 +23,9 @@ from opscore.cli.common import (
     take,
 )
 from opscore.cli.sessions import follow
-from opscore.runs import SessionStatus
-from opscore.sdk import OpsCoreClient
-from opscore.sdk.types import Session
 
 app: typer.Typer = typer.Typer(
-    help="Store workflow definitions and start runs.", no_args_is_help=True
+    help="Store workflow definitions and start sessions.", no_args_is_help=True
 )
 
 WorkflowId = Annotated[str, typer.Argument(metavar="WORKFLOW", help="Workflow definition id.")]
@@ -81,20 +81,20 @@ def start(
     version: Version = "",
     input: Annotated[
         dict[str, Any] | None,
-        typer.Option(parser=json_object, metavar="JSON", help="Run input, a JSON object."),
+        typer.Option(parser=json_object, metavar="JSON", help="Session input, a JSON object."),
     ] = None,
     agent: Annotated[str, typer.Option(help="Run every task on this agent.")] = "",
     request_id: Annotated[
         str | None, typer.Option(help="Idempotency key: a repeat returns the same session.")
     ] = None,
     wait: Annotated[
-        bool, typer.Option("--wait", help="Follow the run; exit 1 unless it COMPLETED.")
+        bool, typer.Option("--wait", help="Follow the session; exit 1 unless it COMPLETED.")
     ] = False,
     address: Address = DEFAULT_ADDRESS,
     token: Token = None,
     as_json: Json = False,
 ) -> None:
-    """Start a run of a stored workflow."""
+    """Start a session of a stored workflow."""
 
     async def go(client: OpsCoreClient) -> Session:
         session = await client.start_workflow(

@@ -8,9 +8,16 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any, TypeVar
 
-from opscore.definitions import WorkflowDefinition
-from opscore.models import Agent, AgentChange, AgentEvent, AgentFilter
-from opscore.runs import Assignment, Claim, Offer, Run, RunFilter, SessionEvent, TaskKey
+from opscore.domain.agents.model import Agent, AgentChange, AgentEvent, AgentFilter
+from opscore.domain.dispatch.matching import Claim, Offer
+from opscore.domain.workflows.definitions import WorkflowDefinition
+from opscore.domain.workflows.session import (
+    Assignment,
+    Session,
+    SessionEvent,
+    SessionFilter,
+    TaskKey,
+)
 
 log = logging.getLogger(__name__)
 
@@ -111,31 +118,32 @@ class Store(ABC):
     @abstractmethod
     async def delete_definition(self, definition_id: str, version: str) -> bool: ...
 
-    # -- runs --------------------------------------------------------------------
+    # -- sessions ----------------------------------------------------------------
 
     @abstractmethod
-    async def create_run(self, run: Run) -> tuple[Run, bool]:
-        """Stores a new run; if its request_id was used before, returns the stored
-        run of that request instead and False."""
+    async def create_session(self, session: Session) -> tuple[Session, bool]:
+        """Stores a new session; if its request_id was used before, returns the stored
+        session of that request instead and False."""
 
     @abstractmethod
-    async def change_run(self, session_id: str, change: Callable[[Run], R]) -> tuple[R, Run]:
-        """Loads the run, applies `change` and writes back what it changed, atomically;
-        SessionNotFoundError if there is no such run."""
+    async def change_session(
+        self, session_id: str, change: Callable[[Session], R]
+    ) -> tuple[R, Session]:
+        """Loads the session, applies `change` and writes back what it changed,
+        atomically; SessionNotFoundError if there is no such session."""
 
     @abstractmethod
-    async def get_run(self, session_id: str) -> Run | None: ...
+    async def get_session(self, session_id: str) -> Session | None: ...
 
     @abstractmethod
     async def claim_tasks(
         self,
         offers: list[Offer],
         now: datetime,
-        dispatch: Callable[[Run, str, str], Assignment],
+        dispatch: Callable[[Session, str, str], Assignment],
     ) -> Claim:
-        """Matches ready tasks (oldest first) to the offers' capabilities, pins and
-        free slots, applying `dispatch(run, task_id, agent_id)` to each in one
-        transaction."""
+        """Walks ready tasks (oldest first) through a `Matcher` of the offers, applying
+        `dispatch(session, task_id, agent_id)` to each match, in one transaction."""
 
     @abstractmethod
     async def expired_leases(self, now: datetime) -> list[TaskKey]: ...
@@ -145,13 +153,15 @@ class Store(ABC):
         """Attempts currently leased (to one agent, or to anyone)."""
 
     @abstractmethod
-    async def list_runs(self, flt: RunFilter, before_seq: int, limit: int) -> list[tuple[int, Run]]:
-        """Runs matching `flt`, newest first, created before `before_seq` (0: from the
-        newest); each with its creation sequence, the stable paging cursor."""
+    async def list_sessions(
+        self, flt: SessionFilter, before_seq: int, limit: int
+    ) -> list[tuple[int, Session]]:
+        """Sessions matching `flt`, newest first, created before `before_seq` (0: from
+        the newest); each with its creation sequence, the stable paging cursor."""
 
     @abstractmethod
-    async def prune_runs(self, ended_before: datetime) -> int:
-        """Deletes finished runs that ended before the cutoff, with their history."""
+    async def prune_sessions(self, ended_before: datetime) -> int:
+        """Deletes finished sessions that ended before the cutoff, with their history."""
 
     @abstractmethod
     async def list_session_events(

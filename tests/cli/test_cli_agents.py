@@ -5,15 +5,22 @@ from __future__ import annotations
 import asyncio
 import signal
 
+import pytest
+import typer
 from cli_support import Cli, read_json_lines, read_until
+from opscore.protocol.enums import REPORTABLE_STATES, AgentState
 
-from opscore.cli.agents import ReportedState, State
-from opscore.models import REPORTABLE_STATES, AgentState
+from opscore.cli.agents import REPORTED_STATES, STATES
 
 
 def test_state_choices_are_the_domain_states() -> None:
-    assert [s.name for s in State] == [s.name for s in AgentState if s != AgentState.UNSPECIFIED]
-    assert {s.name for s in ReportedState} == {s.name for s in REPORTABLE_STATES}
+    expected = [s.name for s in AgentState if s != AgentState.UNSPECIFIED]
+    assert [STATES(name.lower()) for name in expected] == expected
+    assert {REPORTED_STATES(s.name) for s in REPORTABLE_STATES} == {
+        s.name for s in REPORTABLE_STATES
+    }
+    with pytest.raises(typer.BadParameter, match="DRAINING"):
+        REPORTED_STATES("offline")  # decided by the server
 
 
 async def test_register_get_list_and_update_state(cli: Cli) -> None:

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 from cli_support import Cli
 
-from opscore.auth import digest
+from opscore.domain.access import digest
 
 if TYPE_CHECKING:
     from conftest import SpawnServer

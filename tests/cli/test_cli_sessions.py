@@ -6,10 +6,12 @@ import asyncio
 import json
 from typing import TYPE_CHECKING
 
+import pytest
+import typer
 from cli_support import Cli, plain, read_json_lines
+from opscore.protocol.enums import SessionStatus
 
-from opscore.cli.sessions import Status
-from opscore.runs import SessionStatus
+from opscore.cli.sessions import STATUSES
 
 if TYPE_CHECKING:
     from conftest import StartWorker
@@ -21,7 +23,9 @@ CAPABLE = ("--capability", "test_capability", "--capability", "another_capabilit
 
 def test_status_choices_are_the_domain_statuses() -> None:
     expected = [s.name for s in SessionStatus if s != SessionStatus.UNSPECIFIED]
-    assert [s.name for s in Status] == expected
+    assert [STATUSES(name.lower()) for name in expected] == expected
+    with pytest.raises(typer.BadParameter, match="RUNNING"):
+        STATUSES("UNSPECIFIED")
 
 
 async def test_list_get_events_and_cancel(cli: Cli) -> None:

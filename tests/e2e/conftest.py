@@ -15,13 +15,13 @@ import grpc
 import pytest
 from workflow_support import Harness
 
-from opscore.clock import FakeClock
-from opscore.config import Settings
+from opscore.domain.clock import FakeClock
+from opscore.server.config import Settings
 
 if TYPE_CHECKING:
     from conftest import StartServer
 
-    from opscore.server import OpsCoreServer
+    from opscore.server.app import OpsCoreServer
 
 
 def pytest_configure(config: pytest.Config) -> None:

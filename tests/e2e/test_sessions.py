@@ -12,7 +12,7 @@ import pytest
 from opspawn.opscore.v1 import session_pb2 as S
 from workflow_support import definition, event_types, of_type, single, task, task_of, to_dict
 
-from opscore.store import sqlite as sqlite_store
+from opscore.store.sqlite import store as sqlite_store
 
 if TYPE_CHECKING:
     from conftest import Rpc
@@ -555,7 +555,7 @@ async def test_pruning_a_backlog_takes_several_chunks(
 ) -> None:
     """Retention deletes a backlog one bounded chunk per write (one session each here),
     and still deletes all of it."""
-    monkeypatch.setattr(sqlite_store, "DELETE_CHUNK", 8)
+    monkeypatch.setattr(sqlite_store, "PRUNE_CHUNK", 1)
     for _ in range(5):
         run = await ops.start(single("other", "nobody_has_it"))
         await ops.sessions.CancelSession(S.CancelSessionRequest(session_id=run.session_id))

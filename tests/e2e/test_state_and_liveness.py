@@ -9,7 +9,7 @@ import grpc
 import pytest
 from opspawn.opscore.v1 import lifecycle_pb2 as pb
 
-from opscore.clock import FakeClock
+from opscore.domain.clock import FakeClock
 
 if TYPE_CHECKING:
     from conftest import Rpc, Stub

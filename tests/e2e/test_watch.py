@@ -8,8 +8,8 @@ from typing import TYPE_CHECKING
 import grpc
 from opspawn.opscore.v1 import lifecycle_pb2 as pb
 
-from opscore.clock import FakeClock
-from opscore.config import Settings
+from opscore.domain.clock import FakeClock
+from opscore.server.config import Settings
 
 if TYPE_CHECKING:
     from conftest import Connect, Rpc, StartServer, Stub

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 import grpc
 import pytest
+from opscore.protocol.definition_files import load_definition
 from opspawn.opscore.v1 import session_pb2 as S
 from opspawn.opscore.v1 import workflow_pb2 as W
 from workflow_support import (
@@ -21,8 +22,6 @@ from workflow_support import (
     task_of,
     to_dict,
 )
-
-from opscore.definition_files import load_definition
 
 if TYPE_CHECKING:
     from conftest import Rpc

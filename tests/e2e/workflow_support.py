@@ -27,7 +27,7 @@ from opspawn.opscore.v1 import (
     workflow_pb2_grpc,
 )
 
-from opscore.clock import FakeClock
+from opscore.domain.clock import FakeClock
 
 REPO_ROOT = Path(__file__).resolve().parent.parent.parent
 EXAMPLES = REPO_ROOT / "examples"

@@ -11,14 +11,14 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import pytest
-
-from opscore.config import Settings
 from opscore.sdk import Agent, OpsCoreClient
+
+from opscore.server.config import Settings
 
 if TYPE_CHECKING:
     from conftest import StartServer
 
-    from opscore.server import OpsCoreServer
+    from opscore.server.app import OpsCoreServer
 
 Restart = Callable[["OpsCoreServer"], Awaitable["OpsCoreServer"]]
 RunAgent = Callable[[Agent], "asyncio.Task[None]"]

@@ -10,8 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
-
-from opscore import errors
+from opscore.protocol import errors
 from opscore.sdk import (
     Agent,
     AgentState,
@@ -24,7 +23,7 @@ from opscore.sdk import (
 )
 
 if TYPE_CHECKING:
-    from opscore.server import OpsCoreServer
+    from opscore.server.app import OpsCoreServer
     from tests.sdk.conftest import Definition, Restart, RunAgent
 
 SAMPLE = Path(__file__).resolve().parents[2] / "examples" / "sample_workflow.json"

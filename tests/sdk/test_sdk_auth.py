@@ -7,11 +7,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
-
-from opscore import errors
-from opscore.auth import Role, new_operator_key
-from opscore.config import Settings
+from opscore.protocol import errors
 from opscore.sdk import Agent, OpsCoreClient, SessionStatus, TaskContext
+
+from opscore.domain.access import Role, new_operator_key
+from opscore.server.config import Settings
 
 if TYPE_CHECKING:
     from conftest import StartServer

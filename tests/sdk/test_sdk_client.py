@@ -13,9 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 import pytest
-from opspawn.opscore.v1 import lifecycle_pb2, lifecycle_pb2_grpc
-
-from opscore import errors
+from opscore.protocol import errors
 from opscore.sdk import (
     AgentState,
     DeadlineExceededError,
@@ -27,12 +25,13 @@ from opscore.sdk import (
     UnavailableError,
 )
 from opscore.sdk.types import TaskAssignment
+from opspawn.opscore.v1 import lifecycle_pb2, lifecycle_pb2_grpc
 
 if TYPE_CHECKING:
     from conftest import StartServer
 
-    from opscore.config import Settings
-    from opscore.server import OpsCoreServer
+    from opscore.server.app import OpsCoreServer
+    from opscore.server.config import Settings
     from tests.sdk.conftest import Definition
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"

@@ -7,15 +7,14 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, TypeVar
 
 import pytest
-
-from opscore import errors
+from opscore.protocol import errors
 from opscore.sdk import Agent, AgentEventType, AgentState, OpsCoreClient, SessionEventType
 
 if TYPE_CHECKING:
     from conftest import StartServer
 
-    from opscore.config import Settings
-    from opscore.server import OpsCoreServer
+    from opscore.server.app import OpsCoreServer
+    from opscore.server.config import Settings
     from tests.sdk.conftest import Definition, Restart, RunAgent
 
 T = TypeVar("T")

@@ -20,7 +20,7 @@ from google.protobuf.message import Message
 from google.rpc import error_details_pb2, status_pb2
 from opspawn.opscore.v1 import lifecycle_pb2, session_pb2, workflow_pb2
 
-from opscore.auth import OperatorKey, Role, new_operator_key
+from opscore.domain.access import OperatorKey, Role, new_operator_key
 
 STATUS_DETAILS_KEY = "grpc-status-details-bin"
 STREAM_OPEN = "STREAM_OPEN"  # a stream that was admitted and is still waiting for events

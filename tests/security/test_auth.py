@@ -32,10 +32,10 @@ from security_support import (
     write_keys_file,
 )
 
-from opscore.api.access import RULES, Rule
-from opscore.auth import AGENT_TOKEN_PREFIX, OPERATOR_KEY_PREFIX, Role, new_secret
-from opscore.clock import FakeClock
-from opscore.config import Settings
+from opscore.api.interceptors.auth import RULES, Rule
+from opscore.domain.access import AGENT_TOKEN_PREFIX, OPERATOR_KEY_PREFIX, Role, new_secret
+from opscore.domain.clock import FakeClock
+from opscore.server.config import Settings
 
 L = lifecycle_pb2
 W = workflow_pb2

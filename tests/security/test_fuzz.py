@@ -32,9 +32,9 @@ from hypothesis import strategies as st
 from opspawn.opscore.v1 import lifecycle_pb2, session_pb2, workflow_pb2
 from security_support import STREAMING, UNARY, Method
 
-from opscore.clock import FakeClock
-from opscore.config import Settings
-from opscore.server import OpsCoreServer
+from opscore.domain.clock import FakeClock
+from opscore.server.app import OpsCoreServer
+from opscore.server.config import Settings
 
 L, W, S = lifecycle_pb2, workflow_pb2, session_pb2
 FD = descriptor.FieldDescriptor

@@ -20,9 +20,9 @@ from opspawn.opscore.v1 import (
 )
 from security_support import Keys, bearer, error_reason, retry_info
 
-from opscore.auth import Role
-from opscore.clock import FakeClock
-from opscore.config import Settings
+from opscore.domain.access import Role
+from opscore.domain.clock import FakeClock
+from opscore.server.config import Settings
 
 L, W, S = lifecycle_pb2, workflow_pb2, session_pb2
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
@@ -295,7 +295,7 @@ async def test_task_streams_per_agent_limit(
 
 async def _until_streams(server: Any, agent_id: str, count: int) -> None:
     """Waits until the dispatcher holds `count` task streams of the agent."""
-    streams = server._engine.dispatcher._streams
+    streams = server._dispatcher._streams
     for _ in range(500):
         if len(streams.get(agent_id, ())) == count:
             return

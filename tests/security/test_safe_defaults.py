@@ -13,13 +13,13 @@ from typing import Any
 
 import grpc
 import pytest
+from opscore.protocol.errors import ConfigurationError
 from opspawn.opscore.v1 import lifecycle_pb2, lifecycle_pb2_grpc
 from security_support import Keys
 
-from opscore.clock import FakeClock
-from opscore.config import Settings
-from opscore.errors import ConfigurationError
-from opscore.server import OpsCoreServer
+from opscore.domain.clock import FakeClock
+from opscore.server.app import OpsCoreServer
+from opscore.server.config import Settings
 
 REPO_ROOT = Path(__file__).resolve().parent.parent.parent
 AUTH_OFF = "AUTHENTICATION IS OFF"
@@ -36,7 +36,7 @@ def test_public_host_without_keys_is_refused(settings: Settings, host: str) -> N
     with pytest.raises(ConfigurationError) as info:
         OpsCoreServer(settings.model_copy(update={"host": host}), FakeClock())
     assert "--insecure-no-auth" in info.value.message
-    assert not settings.db.exists(), "nothing is created before refusing"
+    assert not Path(settings.db).exists(), "nothing is created before refusing"
 
 
 def test_public_host_with_keys_is_accepted(settings: Settings) -> None:

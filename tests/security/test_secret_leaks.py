@@ -19,7 +19,7 @@ from opspawn.opscore.v1 import (
 )
 from security_support import Keys, bearer
 
-from opscore.auth import AGENT_TOKEN_PREFIX, Role
+from opscore.domain.access import AGENT_TOKEN_PREFIX, Role
 
 L, W, S = lifecycle_pb2, workflow_pb2, session_pb2
 READ_TIMEOUT = 5.0

@@ -19,14 +19,14 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from opscore.protocol.errors import ConfigurationError
 from opspawn.opscore.v1 import lifecycle_pb2, lifecycle_pb2_grpc
 from security_support import Keys, bearer
 
-from opscore.auth import Role
-from opscore.clock import FakeClock
-from opscore.config import Settings
-from opscore.errors import ConfigurationError
-from opscore.server import OpsCoreServer
+from opscore.domain.access import Role
+from opscore.domain.clock import FakeClock
+from opscore.server.app import OpsCoreServer
+from opscore.server.config import Settings
 
 TIMEOUT = 5.0
 
@@ -227,7 +227,7 @@ async def test_untrusted_or_misnamed_server_is_refused(
         pki,
         tls_cert=pki.rogue_server.cert_path,
         tls_key=pki.rogue_server.key_path,
-        db=settings.db.with_name("impostor.db"),
+        db=Path(settings.db).with_name("impostor.db"),
     )
     other = await start_server(impostor, clock)
     assert await list_agents(channels, other.address, trust(pki)) == UNAVAILABLE

@@ -9,10 +9,12 @@ import time
 from pathlib import Path
 
 import pytest
+from opscore.protocol.enums import AgentState
 
-from opscore.models import AgentState
-from opscore.store import sqlite as sqlite_store
-from opscore.store.sqlite import SqliteStore
+from opscore.store.sqlite import agents as agents_sql
+from opscore.store.sqlite import engine as sqlite_engine
+from opscore.store.sqlite.engine import SqliteConfig
+from opscore.store.sqlite.store import SqliteStore
 from tests.store.test_store_contract import create, new_agent, set_state
 
 
@@ -20,8 +22,8 @@ async def test_compaction_deletes_in_chunks(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A backlog bigger than one chunk is compacted by several writes, to the same end."""
-    monkeypatch.setattr(sqlite_store, "DELETE_CHUNK", 3)
-    store = SqliteStore(tmp_path / "store.db")
+    monkeypatch.setattr(agents_sql, "DELETE_CHUNK", 3)
+    store = SqliteStore(SqliteConfig(tmp_path / "store.db"))
     await store.open()
     try:
         await store.change_agent("a", create(new_agent("a")))
@@ -45,14 +47,14 @@ def wal_frames(db: Path) -> int:
 
 async def test_wal_restarts_under_continuous_writes(tmp_path: Path) -> None:
     db = tmp_path / "store.db"
-    store = SqliteStore(db)
+    store = SqliteStore(SqliteConfig(db))
     await store.open()
     try:
         await store.change_agent("a", create(new_agent("a")))
         size_at_start = db.stat().st_size
         commits = restarts = 0
         last = wal_frames(db)
-        deadline = time.monotonic() + 3 * sqlite_store.CHECKPOINT_INTERVAL
+        deadline = time.monotonic() + 3 * sqlite_engine.CHECKPOINT_INTERVAL
         while time.monotonic() < deadline:  # one commit per change: never a quiet spell
             state = (AgentState.IDLE, AgentState.BUSY)[commits % 2]
             await store.change_agent("a", set_state(state))

@@ -9,18 +9,22 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from opscore.protocol.enums import AgentEventType, AgentState
+from opscore.protocol.errors import AgentNotFoundError, StorageError
 
-from opscore.errors import AgentNotFoundError, StorageError
-from opscore.models import Agent, AgentChange, AgentEvent, AgentEventType, AgentFilter, AgentState
+from opscore.domain.agents.model import Agent, AgentChange, AgentEvent, AgentFilter
 from opscore.store.base import Store
-from opscore.store.sqlite import SqliteStore
+from opscore.store.sqlite.engine import SqliteConfig
+from opscore.store.sqlite.store import SqliteStore
 
 NOW = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 
 BACKENDS: dict[str, Callable[[Path], Store]] = {
-    "sqlite": lambda tmp: SqliteStore(tmp / "store.db", max_batch=64),
+    "sqlite": lambda tmp: SqliteStore(SqliteConfig(tmp / "store.db", max_batch=64)),
     # FULL commits run on the writer thread instead of the event loop.
-    "sqlite-full": lambda tmp: SqliteStore(tmp / "store.db", synchronous="FULL", max_batch=64),
+    "sqlite-full": lambda tmp: SqliteStore(
+        SqliteConfig(tmp / "store.db", synchronous="FULL", max_batch=64)
+    ),
 }
 
 
@@ -199,6 +203,6 @@ async def test_newer_schema_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "future.db"
     with sqlite3.connect(path) as conn:
         conn.execute("PRAGMA user_version=999")
-    store = SqliteStore(path)
+    store = SqliteStore(SqliteConfig(path))
     with pytest.raises(StorageError, match="newer"):
         await store.open()

@@ -7,10 +7,14 @@ import enum
 
 import pytest
 from google.protobuf.descriptor import EnumDescriptor
+from opscore.protocol.enums import (
+    AgentEventType,
+    AgentState,
+    SessionEventType,
+    SessionStatus,
+    TaskStatus,
+)
 from opspawn.opscore.v1 import lifecycle_pb2, session_pb2
-
-from opscore.models import AgentEventType, AgentState
-from opscore.runs import SessionEventType, SessionStatus, TaskStatus
 
 MIRRORS = [
     (AgentState, lifecycle_pb2.AgentState.DESCRIPTOR, "AGENT_STATE_"),

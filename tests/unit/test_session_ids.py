@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from datetime import UTC, datetime, timedelta
 
-from opscore.workflow import session_id_at
+from opscore.domain.workflows.engine import session_id_at
 
 
 def test_session_ids_are_uuid7_ordered_by_time_and_unique() -> None:

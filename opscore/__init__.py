@@ -1,1 +1,0 @@
-"""Ops-Core: a gRPC control plane for fleets of AI agents."""

@@ -1,0 +1,1 @@
+"""The server's interceptor chain, one concern each (see `chain.py`)."""

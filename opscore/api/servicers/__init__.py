@@ -1,0 +1,1 @@
+"""gRPC servicers: they only translate (through `convert/`) and call the domain."""

@@ -1,0 +1,91 @@
+"""LifecycleService: translate, call the domain, translate back."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+from opscore.protocol.limits import RequestLimits
+from opscore.protocol.validation import require_id
+from opspawn.opscore.v1 import lifecycle_pb2 as pb
+from opspawn.opscore.v1 import lifecycle_pb2_grpc
+
+from opscore.api.convert import lifecycle as convert
+from opscore.api.convert.framing import EventCache
+from opscore.domain.agents.liveness import Liveness
+from opscore.domain.agents.registry import AgentRegistry
+from opscore.domain.agents.watch import AgentWatch
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
+class LifecycleServicer(lifecycle_pb2_grpc.LifecycleServiceServicer):
+    def __init__(
+        self,
+        registry: AgentRegistry,
+        liveness: Liveness,
+        watch: AgentWatch,
+        limits: RequestLimits,
+    ) -> None:
+        self._registry = registry
+        self._liveness = liveness
+        self._watch = watch
+        self._limits = limits
+        self._events = EventCache()
+
+    async def RegisterAgent(self, request: pb.RegisterAgentRequest, context: Context) -> pb.Agent:
+        registration = convert.registration_from_proto(request, self._limits)
+        agent, token = await self._registry.register(registration)
+        response = convert.agent_to_proto(agent)
+        response.agent_token = token or ""
+        return response
+
+    async def RotateAgentToken(
+        self, request: pb.RotateAgentTokenRequest, context: Context
+    ) -> pb.Agent:
+        agent, token = await self._registry.rotate_token(require_id("agent_id", request.agent_id))
+        response = convert.agent_to_proto(agent)
+        response.agent_token = token
+        return response
+
+    async def DeregisterAgent(
+        self, request: pb.DeregisterAgentRequest, context: Context
+    ) -> pb.Agent:
+        agent_id = require_id("agent_id", request.agent_id)
+        return convert.agent_to_proto(await self._registry.deregister(agent_id))
+
+    async def GetAgent(self, request: pb.GetAgentRequest, context: Context) -> pb.Agent:
+        agent_id = require_id("agent_id", request.agent_id)
+        return convert.agent_to_proto(await self._registry.get(agent_id))
+
+    async def ListAgents(
+        self, request: pb.ListAgentsRequest, context: Context
+    ) -> pb.ListAgentsResponse:
+        flt = convert.list_filter(request)
+        page = await self._registry.list_agents(flt, request.page_size, request.page_token)
+        return pb.ListAgentsResponse(
+            agents=[convert.agent_to_proto(a) for a in page.items],
+            next_page_token=page.next_page_token,
+            revision=page.revision,
+        )
+
+    async def UpdateAgentState(
+        self, request: pb.UpdateAgentStateRequest, context: Context
+    ) -> pb.Agent:
+        agent = await self._registry.update_state(*convert.state_report(request, self._limits))
+        return convert.agent_to_proto(agent)
+
+    async def Heartbeat(
+        self, request: pb.HeartbeatRequest, context: Context
+    ) -> pb.HeartbeatResponse:
+        agent = await self._registry.heartbeat(require_id("agent_id", request.agent_id))
+        return convert.heartbeat_to_proto(agent, self._liveness.config.timeout)
+
+    async def WatchAgentStates(  # type: ignore[override]
+        self, request: pb.WatchAgentStatesRequest, context: Context
+    ) -> AsyncIterator[bytes]:
+        """Yields serialized WatchAgentStatesResponse messages built from the shared
+        EventCache."""
+        async for batch in self._watch.watch(*convert.watch_request(request)):
+            yield self._events.response(batch)

@@ -1,0 +1,245 @@
+"""Live dispatch: connected agents' task streams, their free slots, and the loop that
+fills those slots from the durable queue.
+
+Nothing here polls: the loop sleeps until woken by new ready work, a freed slot, a
+new stream or an agent state change (plus the scheduler's periodic wake for retries
+whose backoff has passed). The queue itself lives in the store; this module only
+holds what a restart forgets anyway (open streams), so a crash loses nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from opscore.protocol.enums import AgentEventType, AgentState
+from opscore.protocol.errors import AgentNotFoundError, ResourceLimitError, ShuttingDownError
+
+from opscore.domain.agents.model import Agent, AgentEvent
+from opscore.domain.dispatch.matching import Claim, Offer
+from opscore.domain.dispatch.streams import TaskStream
+from opscore.domain.workflows.session import Assignment, Session, TaskKey
+
+log = logging.getLogger(__name__)
+
+# Agents in these states receive work (BUSY ones only into free max_in_flight slots).
+DISPATCHABLE = frozenset({AgentState.IDLE, AgentState.BUSY})
+
+
+class Queue(Protocol):
+    """What the dispatcher needs of the task queue (`TaskQueue`)."""
+
+    async def claim(self, offers: list[Offer]) -> Claim: ...
+
+    async def requeue(self, keys: Iterable[TaskKey], reason: str, lost: bool) -> list[Session]: ...
+
+    async def requeue_agent(self, agent_id: str, reason: str) -> list[Session]: ...
+
+
+@dataclass(frozen=True)
+class DispatchConfig:
+    max_streams_per_agent: int
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        queue: Queue,
+        ready_for_work: Callable[[str], Awaitable[Agent]],
+        config: DispatchConfig,
+    ) -> None:
+        self._queue = queue
+        self._max_streams_per_agent = config.max_streams_per_agent
+        self._ready_for_work = ready_for_work
+        self._streams: dict[str, list[TaskStream]] = {}
+        self._agents: dict[str, Agent] = {}
+        self._holders: dict[TaskKey, TaskStream] = {}
+        self._wake = asyncio.Event()
+        # Capabilities known to have nothing claimable, and the count of new-work
+        # wake-ups that invalidate that knowledge.
+        self._exhausted: set[str] = set()
+        self._work_generation = 0
+        self._rotation = 0
+        self._background: set[asyncio.Task[Any]] = set()
+        self._closed = False
+
+    # -- streams -----------------------------------------------------------------
+
+    async def connect(self, agent_id: str, max_in_flight: int) -> TaskStream:
+        """Opens a task stream; an INITIALIZING or OFFLINE agent becomes IDLE."""
+        if self._closed:
+            raise ShuttingDownError("server is shutting down")
+        if len(self._streams.get(agent_id, ())) >= self._max_streams_per_agent:
+            raise ResourceLimitError(
+                f"agent {agent_id} already has {self._max_streams_per_agent} task streams open",
+                agent_id=agent_id,
+            )
+        agent = await self._ready_for_work(agent_id)
+        stream = TaskStream(agent_id, max_in_flight)
+        self._streams.setdefault(agent_id, []).append(stream)
+        self._agents[agent_id] = agent
+        log.info("task stream opened", extra={"agent_id": agent_id, "max_in_flight": max_in_flight})
+        self.wake()
+        return stream
+
+    def disconnect(self, stream: TaskStream) -> None:
+        """Forgets the stream; what it still held goes back to the queue at once."""
+        streams = self._streams.get(stream.agent_id, [])
+        if stream in streams:
+            streams.remove(stream)
+        if not streams:
+            self._streams.pop(stream.agent_id, None)
+            self._agents.pop(stream.agent_id, None)
+        stream.close(ShuttingDownError("stream closed"))
+        held = list(stream.in_flight)
+        for key in held:
+            self._holders.pop(key, None)
+        stream.in_flight.clear()
+        log.info("task stream closed", extra={"agent_id": stream.agent_id, "requeued": len(held)})
+        if held and not self._closed:
+            self._spawn(self._queue.requeue(held, "agent disconnected", lost=True))
+
+    def follow(self, sessions: Iterable[Session]) -> None:
+        """After sessions changed: frees the slots of attempts that ended, and wakes
+        the loop when tasks became ready."""
+        for session in sessions:
+            if session.released:
+                self.release(session.released)
+            if session.became_ready:
+                self.wake()
+
+    def release(self, keys: Iterable[TaskKey]) -> None:
+        """Frees the slots of attempts that ended (completed, failed, expired...)."""
+        for key in keys:
+            stream = self._holders.pop(key, None)
+            if stream is not None:
+                stream.in_flight.discard(key)
+                agent = self._agents.get(stream.agent_id)
+                if agent is not None and not set(agent.capabilities) <= self._exhausted:
+                    self._wake.set()  # this slot may fit work still waiting
+
+    def on_commit(self, events: list[Any]) -> None:
+        """Follows agent state: eligibility, capabilities, and lost agents' tasks."""
+        for event in events:
+            if not isinstance(event, AgentEvent) or event.agent is None:
+                continue
+            agent_id = event.agent.agent_id
+            if event.type in (AgentEventType.DEREGISTERED, AgentEventType.OFFLINE):
+                why = "deregistered" if event.type is AgentEventType.DEREGISTERED else "offline"
+                self._spawn(self._queue.requeue_agent(agent_id, f"agent {why}"))
+            if event.type is AgentEventType.DEREGISTERED:
+                for stream in list(self._streams.get(agent_id, [])):
+                    stream.close(AgentNotFoundError(agent_id))
+            elif agent_id in self._agents:
+                self._agents[agent_id] = event.agent
+                self.wake()
+
+    # -- eager dispatch ------------------------------------------------------------
+
+    def reserve(self, ready: dict[str, str], pinned: str) -> tuple[TaskStream, str] | None:
+        """Books a free slot for one of a new run's ready tasks (`ready`: capability ->
+        task_id), so the task is dispatched in the transaction that creates the run
+        instead of one commit later. Returns the stream and the task it should take."""
+        streams = list(self._streams.items())
+        self._rotation = (self._rotation + 1) % max(1, len(streams))
+        for agent_id, agent_streams in streams[self._rotation :] + streams[: self._rotation]:
+            if pinned and agent_id != pinned:
+                continue
+            agent = self._agents[agent_id]
+            if agent.state not in DISPATCHABLE:
+                continue
+            task_id = next((ready[c] for c in agent.capabilities if c in ready), None)
+            if task_id is None:
+                continue
+            for stream in agent_streams:
+                if stream.closed is None and stream.free_slots() > 0:
+                    stream.reserved += 1
+                    return stream, task_id
+        return None
+
+    def settle(self, stream: TaskStream, assignment: Assignment | None) -> None:
+        """Ends a reservation: delivers the committed assignment, or frees the slot."""
+        stream.reserved -= 1
+        if assignment is None:
+            self._wake.set()
+        elif stream.closed is not None:
+            self._spawn(self._queue.requeue([assignment.key], "agent disconnected", lost=False))
+        else:
+            self._deliver(stream, assignment)
+
+    def _deliver(self, stream: TaskStream, assignment: Assignment) -> None:
+        stream.in_flight.add(assignment.key)
+        self._holders[assignment.key] = stream
+        stream.push(assignment)
+
+    # -- the loop ----------------------------------------------------------------
+
+    def wake(self) -> None:
+        """New work may be claimable (ready tasks, new streams, agent changes)."""
+        self._work_generation += 1
+        self._exhausted.clear()
+        self._wake.set()
+
+    async def run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            try:
+                await self._fill_free_slots()
+            except Exception:
+                log.exception("dispatch pass failed")
+
+    async def _fill_free_slots(self) -> None:
+        offers: list[Offer] = []
+        targets: list[TaskStream] = []
+        for agent_id, streams in self._streams.items():
+            agent = self._agents[agent_id]
+            if agent.state not in DISPATCHABLE:
+                continue
+            for stream in streams:
+                if stream.closed is None and stream.free_slots() > 0:
+                    offers.append(Offer(agent_id, agent.capabilities, stream.free_slots()))
+                    targets.append(stream)
+        if not offers:
+            return
+        generation = self._work_generation
+        claim = await self._queue.claim(offers)
+        if generation == self._work_generation:
+            self._exhausted |= claim.exhausted
+        self.follow(claim.sessions)
+        orphans: list[TaskKey] = []
+        for index, assignment in claim.assignments:
+            stream = targets[index]
+            if stream.closed is not None:
+                orphans.append(assignment.key)
+                continue
+            self._deliver(stream, assignment)
+        if orphans:
+            self.follow(
+                await self._queue.requeue(orphans, "agent disconnected before delivery", lost=False)
+            )
+
+    def _spawn(self, job: Awaitable[list[Session]]) -> None:
+        """Runs a queue change in the background, then follows what it changed."""
+
+        async def guarded() -> None:
+            try:
+                self.follow(await job)
+            except Exception:
+                log.exception("dispatch background job failed")
+
+        task = asyncio.create_task(guarded())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def close(self) -> None:
+        """Ends every task stream (server shutdown); leases are recovered at restart."""
+        self._closed = True
+        for streams in self._streams.values():
+            for stream in streams:
+                stream.close(ShuttingDownError("server is shutting down; reconnect"))
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)

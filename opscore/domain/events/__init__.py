@@ -1,0 +1,1 @@
+"""Live events: the hub that fans committed events out to watchers."""

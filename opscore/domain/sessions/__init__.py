@@ -1,0 +1,1 @@
+"""Sessions as operators see them: queries, full history, live watch, retention."""

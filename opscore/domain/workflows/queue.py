@@ -1,0 +1,89 @@
+"""The durable task queue: claiming ready tasks, putting leased attempts back, and
+expiring leases. Each change is one store transaction on a session's aggregate; the
+changed sessions are returned, so the caller can tell the dispatcher which slots were
+freed and whether new work became ready."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Callable, Iterable
+from typing import TypeVar
+
+from opscore.protocol.errors import SessionNotFoundError
+
+from opscore.domain.clock import Clock
+from opscore.domain.dispatch.matching import Claim, Offer
+from opscore.domain.workflows.session import Session, TaskKey
+from opscore.store.base import Store
+
+log = logging.getLogger(__name__)
+
+R = TypeVar("R")
+
+
+class TaskQueue:
+    def __init__(self, store: Store, clock: Clock, rng: random.Random | None = None) -> None:
+        self._store = store
+        self._clock = clock
+        self.rng = rng or random.Random()
+
+    async def change(self, session_id: str, change: Callable[[Session], R]) -> tuple[R, Session]:
+        return await self._store.change_session(session_id, change)
+
+    async def claim(self, offers: list[Offer]) -> Claim:
+        now = self._clock.now()
+        return await self._store.claim_tasks(
+            offers, now, lambda session, task_id, agent_id: session.dispatch(task_id, agent_id, now)
+        )
+
+    async def requeue(self, keys: Iterable[TaskKey], reason: str, lost: bool) -> list[Session]:
+        """Puts leased attempts back at once: their agent was lost (`lost`: counts as
+        a failed attempt) or the server restarted (does not)."""
+        now = self._clock.now()
+
+        def requeuer(key: TaskKey) -> Callable[[Session], None]:
+            return lambda session: session.requeue(key.task_id, key.attempt, reason, now, lost)
+
+        return await self._change_each(keys, requeuer)
+
+    async def requeue_agent(self, agent_id: str, reason: str) -> list[Session]:
+        return await self.requeue(await self._store.leased_tasks(agent_id), reason, lost=True)
+
+    async def requeue_all_leased(self, reason: str) -> list[Session]:
+        """At start: attempts leased before a restart (their streams died with it)."""
+        leased = await self._store.leased_tasks()
+        if leased:
+            log.warning("re-queueing tasks leased before restart", extra={"count": len(leased)})
+        return await self.requeue(leased, reason, lost=False)
+
+    async def expire_leases(self) -> list[Session]:
+        now = self._clock.now()
+
+        def expirer(key: TaskKey) -> Callable[[Session], None]:
+            return lambda session: session.expire_lease(key.task_id, now, self.rng)
+
+        return await self._change_each(await self._store.expired_leases(now), expirer)
+
+    async def _change_each(
+        self, keys: Iterable[TaskKey], change: Callable[[TaskKey], Callable[[Session], None]]
+    ) -> list[Session]:
+        """Applies one change per attempt concurrently (they share group commits); a
+        session pruned or gone meanwhile is skipped, anything else is logged."""
+        keys = list(keys)
+        results = await asyncio.gather(
+            *(self.change(k.session_id, change(k)) for k in keys), return_exceptions=True
+        )
+        changed: list[Session] = []
+        for key, result in zip(keys, results, strict=True):
+            if isinstance(result, BaseException):
+                if not isinstance(result, SessionNotFoundError):
+                    log.error(
+                        "task change failed",
+                        extra={"session_id": key.session_id, "task_id": key.task_id},
+                        exc_info=result,
+                    )
+            else:
+                changed.append(result[1])
+        return changed
