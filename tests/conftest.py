@@ -5,6 +5,8 @@ Everything a test needs is a fixture, so test modules never import from here:
 * `clock`, `settings`, `server`, `channel`, `lifecycle`: an in-process server on a
   fake clock and a grpc.aio stub talking to it over a real socket.
 * `start_server`: starts further in-process servers (other settings, restarts).
+* `settings` runs each test once per store backend (STORE_URLS); `store_url` names
+  further stores on the same backend, `db_file` is the SQLite file of `settings`.
 * `rpc`: helpers for errors (google.rpc.Status details), polling, the fake clock
   and reading watch streams.
 * `spawn_server`: runs `python -m opscore serve` as a child process.
@@ -34,6 +36,7 @@ from opspawn.opscore.v1 import lifecycle_pb2, lifecycle_pb2_grpc
 
 from opscore.domain.clock import FakeClock
 from opscore.server.config import Settings
+from opscore.store.factory import split_url
 
 if TYPE_CHECKING:
     from opscore.server.app import OpsCoreServer
@@ -267,10 +270,18 @@ def clock() -> FakeClock:
     return FakeClock()
 
 
-@pytest.fixture
-def settings(tmp_path: Path) -> Settings:
+# The stores the in-process servers run on: a backend name -> the URL of a fresh store
+# in a directory. A new backend runs every test that uses `settings` (so `server`,
+# `lifecycle`, ...) by adding one entry.
+STORE_URLS: dict[str, Callable[[Path], str]] = {
+    "sqlite": lambda tmp: f"sqlite://{tmp / 'opscore.db'}",  # sqlite:///abs/path
+}
+
+
+@pytest.fixture(params=sorted(STORE_URLS))
+def settings(request: pytest.FixtureRequest, tmp_path: Path) -> Settings:
     return Settings(
-        db=tmp_path / "opscore.db",
+        db=STORE_URLS[request.param](tmp_path),
         host="127.0.0.1",
         port=0,
         liveness_timeout=30,
@@ -281,6 +292,32 @@ def settings(tmp_path: Path) -> Settings:
         watch_buffer=1024,
         shutdown_grace=1,
     )
+
+
+StoreUrl = Callable[[str], str]
+
+
+@pytest.fixture
+def store_url(request: pytest.FixtureRequest, settings: Settings, tmp_path: Path) -> StoreUrl:
+    """URLs of further stores on the backend of `settings`, each in its own directory
+    under tmp_path: `settings.model_copy(update={"db": store_url("other")})`."""
+    backend = STORE_URLS[request.node.callspec.params["settings"]]
+
+    def url(name: str) -> str:
+        (tmp_path / name).mkdir(exist_ok=True)
+        return backend(tmp_path / name)
+
+    return url
+
+
+@pytest.fixture
+def db_file(settings: Settings) -> Path:
+    """The SQLite file of `settings`, for tests about the file itself (skipped on other
+    backends). `settings.db` is a URL: never use it as a path."""
+    scheme, location = split_url(settings.db)
+    if scheme != "sqlite":
+        pytest.skip(f"the {scheme} store is not a SQLite file")
+    return Path(location)
 
 
 StartServer = Callable[..., Awaitable["OpsCoreServer"]]

@@ -31,12 +31,12 @@ def _env(**extra: str) -> dict[str, str]:
 
 
 @pytest.mark.parametrize("host", ["0.0.0.0", "::", "[::]", "192.0.2.10", "ops.example.com"])
-def test_public_host_without_keys_is_refused(settings: Settings, host: str) -> None:
+def test_public_host_without_keys_is_refused(settings: Settings, db_file: Path, host: str) -> None:
     """No keys on a non-loopback address: construction fails naming --insecure-no-auth."""
     with pytest.raises(ConfigurationError) as info:
         OpsCoreServer(settings.model_copy(update={"host": host}), FakeClock())
     assert "--insecure-no-auth" in info.value.message
-    assert not Path(settings.db).exists(), "nothing is created before refusing"
+    assert not db_file.exists(), "nothing is created before refusing"
 
 
 def test_public_host_with_keys_is_accepted(settings: Settings) -> None:

@@ -212,7 +212,12 @@ async def test_plaintext_client_is_refused_by_tls_server(
 
 
 async def test_untrusted_or_misnamed_server_is_refused(
-    start_server: Any, settings: Settings, clock: FakeClock, pki: Pki, channels: Any
+    start_server: Any,
+    settings: Settings,
+    store_url: Any,
+    clock: FakeClock,
+    pki: Pki,
+    channels: Any,
 ) -> None:
     """A client refuses a server certificate from another CA or for another name."""
     server = await start_server(tls_settings(settings, pki), clock)
@@ -227,7 +232,7 @@ async def test_untrusted_or_misnamed_server_is_refused(
         pki,
         tls_cert=pki.rogue_server.cert_path,
         tls_key=pki.rogue_server.key_path,
-        db=Path(settings.db).with_name("impostor.db"),
+        db=store_url("impostor"),
     )
     other = await start_server(impostor, clock)
     assert await list_agents(channels, other.address, trust(pki)) == UNAVAILABLE

@@ -83,8 +83,10 @@ class SqliteEngine:
         self._loop_task: asyncio.Task[None] | None = None
         self._revision = 0  # the batch runner's: the last revision handed out
         self.committed_revision = 0
+        self._closing = False  # no new writes once close() has begun
 
     async def open(self) -> None:
+        self._closing = False
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self._writer, self._open_writer)
         self._loop_task = asyncio.create_task(self._write_loop(), name="sqlite-group-commit")
@@ -110,6 +112,7 @@ class SqliteEngine:
             )
 
     async def close(self) -> None:
+        self._closing = True
         if self._loop_task is not None:
             await self._queue.put(None)
             await self._loop_task
@@ -130,7 +133,7 @@ class SqliteEngine:
     # -- group commit ------------------------------------------------------------
 
     async def write(self, fn: WriteFn[R]) -> R:
-        if self._loop_task is None:
+        if self._loop_task is None or self._closing:
             raise StorageError("store is closed")
         job = _Job(fn, asyncio.get_running_loop().create_future())
         self._queue.put_nowait(job)
