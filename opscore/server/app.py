@@ -104,7 +104,7 @@ class OpsCoreServer:
         settings = self.settings
         limit = settings.max_message_bytes
         server = grpc.aio.server(
-            interceptors=interceptor_chain(self.access, settings.rate_limit, settings.rate_burst),
+            interceptors=[interceptor_chain(self.access, settings.rate_limit, settings.rate_burst)],
             options=[
                 ("grpc.max_concurrent_streams", settings.max_concurrent_streams),
                 ("grpc.max_receive_message_length", limit),

@@ -63,7 +63,7 @@ async def served(
         },
     )
     authenticator = Authenticator([secret_and_key[1]], lambda token: None)
-    server = grpc.aio.server(interceptors=interceptor_chain(authenticator, 0, 0))
+    server = grpc.aio.server(interceptors=[interceptor_chain(authenticator, 0, 0)])
     server.add_generic_rpc_handlers((handler,))
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()

@@ -136,7 +136,6 @@ class AuthInterceptor(MethodInterceptor):
     `current_principal` for the servicer."""
 
     def __init__(self, authenticator: Authenticator) -> None:
-        super().__init__()
         self._authenticator = authenticator
 
     def _caller(self, context: Any) -> Principal:

@@ -1,5 +1,6 @@
-"""The base of every interceptor of the chain: each wraps a method's handler once
-(cached) and covers all four handler kinds. Only the outermost wrapper (errors) is a
+"""The interceptor chain's base: each interceptor wraps a method's handler for one
+concern and covers all four handler kinds; `InterceptorChain` applies them all, once
+per method, as a single gRPC interceptor. Only the outermost wrapper (errors) is a
 coroutine or async generator; the inner ones run their checks when the call starts
 and hand back the inner behaviour's awaitable or iterator, so a streamed response
 pays for one wrapper per message, not one per interceptor.
@@ -7,8 +8,8 @@ pays for one wrapper per message, not one per interceptor.
 
 from __future__ import annotations
 
-from abc import abstractmethod
-from collections.abc import Awaitable, Callable
+from abc import ABC, abstractmethod
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeAlias
 
 import grpc
@@ -23,10 +24,21 @@ OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 _KEEP: Any = object()
 
 
-class MethodInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
-    """Base of the chain's interceptors: `wrap` is called once per method."""
+class MethodInterceptor(ABC):
+    """One concern of the chain: wraps a method's handler (once per method)."""
 
-    def __init__(self) -> None:
+    @abstractmethod
+    def wrap(self, handler: Handler, method: str) -> Handler:
+        """The handler with this interceptor's concern around its behaviour."""
+
+
+class InterceptorChain(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
+    """The interceptors, outermost first, as one gRPC interceptor: each method's
+    handler is wrapped by all of them once and cached, so a call pays for one
+    interception, not one per concern."""
+
+    def __init__(self, interceptors: Sequence[MethodInterceptor]) -> None:
+        self._interceptors = list(interceptors)
         self._wrapped: dict[str, tuple[Handler, Handler]] = {}
 
     async def intercept_service(
@@ -40,12 +52,11 @@ class MethodInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             return handler  # type: ignore[return-value]  # None: an unknown method
         cached = self._wrapped.get(method)
         if cached is None or cached[0] is not handler:
-            cached = self._wrapped[method] = (handler, self.wrap(handler, method))
+            wrapped = handler
+            for interceptor in reversed(self._interceptors):
+                wrapped = interceptor.wrap(wrapped, method)
+            cached = self._wrapped[method] = (handler, wrapped)
         return cached[1]
-
-    @abstractmethod
-    def wrap(self, handler: Handler, method: str) -> Handler:
-        """The handler with this interceptor's concern around its behaviour."""
 
 
 def behaviour_of(handler: Handler) -> Behaviour:

@@ -5,20 +5,19 @@ Health checks and reflection pass untouched."""
 
 from __future__ import annotations
 
-import grpc
-
 from opscore.api.interceptors.auth import Authenticator, AuthInterceptor
+from opscore.api.interceptors.base import InterceptorChain
 from opscore.api.interceptors.codec import CodecInterceptor
 from opscore.api.interceptors.errors import ErrorInterceptor
 from opscore.api.interceptors.rate_limit import RateLimitInterceptor
 
 
-def interceptor_chain(
-    authenticator: Authenticator, rate: float, burst: float
-) -> list[grpc.aio.ServerInterceptor]:  # type: ignore[type-arg]
-    return [
-        ErrorInterceptor(),
-        CodecInterceptor(),
-        AuthInterceptor(authenticator),
-        RateLimitInterceptor(rate, burst),
-    ]
+def interceptor_chain(authenticator: Authenticator, rate: float, burst: float) -> InterceptorChain:
+    return InterceptorChain(
+        [
+            ErrorInterceptor(),
+            CodecInterceptor(),
+            AuthInterceptor(authenticator),
+            RateLimitInterceptor(rate, burst),
+        ]
+    )

@@ -43,7 +43,6 @@ def _peer_host(context: Any) -> str:
 
 class RateLimitInterceptor(MethodInterceptor):
     def __init__(self, rate: float, burst: float) -> None:
-        super().__init__()
         self._buckets = TokenBuckets(rate, burst or 2 * rate)
 
     def wrap(self, handler: Handler, method: str) -> Handler:
