@@ -22,8 +22,6 @@ class TokenBuckets:
         self._buckets: dict[str, tuple[float, float]] = {}
 
     def take(self, who: str) -> None:
-        if self._rate <= 0:
-            return
         now = time.monotonic()
         tokens, last = self._buckets.get(who, (self._burst, now))
         tokens = min(self._burst, tokens + (now - last) * self._rate)
