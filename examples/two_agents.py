@@ -21,7 +21,6 @@ from typing import Any
 
 from opscore.protocol.errors import WorkflowDefinitionError
 from opscore.sdk import Agent, OpsCoreClient, SessionStatus, TaskContext
-
 from opscore.server.app import OpsCoreServer
 from opscore.server.config import Settings
 

@@ -5,8 +5,6 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 import typer
-from opscore.protocol.enums import REPORTABLE_STATES, AgentState
-from opscore.sdk import OpsCoreClient
 
 from opscore.cli import render
 from opscore.cli.common import (
@@ -22,6 +20,8 @@ from opscore.cli.common import (
     run,
     take,
 )
+from opscore.protocol.enums import REPORTABLE_STATES, AgentState
+from opscore.sdk import OpsCoreClient
 
 app: typer.Typer = typer.Typer(help="Register, inspect and watch agents.", no_args_is_help=True)
 

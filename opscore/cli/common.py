@@ -15,10 +15,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Annotated, Any, TypeVar
 
 import typer
-from opscore.protocol.errors import OpsCoreError
-from opscore.sdk import OpsCoreClient
 
 from opscore.cli import render
+from opscore.protocol.errors import OpsCoreError
+from opscore.sdk import OpsCoreClient
 
 T = TypeVar("T")
 

@@ -14,6 +14,11 @@ from datetime import datetime
 from typing import Any, TypeVar
 
 import typer
+from rich.console import Console, Group, RenderableType
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
+
 from opscore.protocol.enums import AgentEventType
 from opscore.protocol.errors import InvalidArgumentError, OpsCoreError, UnauthenticatedError
 from opscore.sdk import DeadlineExceededError, UnavailableError
@@ -24,10 +29,6 @@ from opscore.sdk.types import (
     SessionEvent,
     WorkflowDefinition,
 )
-from rich.console import Console, Group, RenderableType
-from rich.live import Live
-from rich.table import Table
-from rich.text import Text
 
 T = TypeVar("T")
 

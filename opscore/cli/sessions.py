@@ -5,9 +5,6 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
-from opscore.protocol.enums import SessionStatus
-from opscore.sdk import OpsCoreClient
-from opscore.sdk.types import Session
 
 from opscore.cli import render
 from opscore.cli.common import (
@@ -21,6 +18,9 @@ from opscore.cli.common import (
     run,
     take,
 )
+from opscore.protocol.enums import SessionStatus
+from opscore.sdk import OpsCoreClient
+from opscore.sdk.types import Session
 
 app: typer.Typer = typer.Typer(
     help="Inspect, follow and cancel sessions (workflow runs).", no_args_is_help=True

@@ -6,9 +6,6 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from opscore.protocol.enums import SessionStatus
-from opscore.sdk import OpsCoreClient
-from opscore.sdk.types import Session
 
 from opscore.cli import render
 from opscore.cli.common import (
@@ -23,6 +20,9 @@ from opscore.cli.common import (
     take,
 )
 from opscore.cli.sessions import follow
+from opscore.protocol.enums import SessionStatus
+from opscore.sdk import OpsCoreClient
+from opscore.sdk.types import Session
 
 app: typer.Typer = typer.Typer(
     help="Store workflow definitions and start sessions.", no_args_is_help=True

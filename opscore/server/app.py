@@ -13,7 +13,6 @@ from collections.abc import Awaitable, Callable
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from opscore.protocol.errors import ConfigurationError
 from opspawn.opscore.v1 import (
     lifecycle_pb2,
     lifecycle_pb2_grpc,
@@ -37,6 +36,7 @@ from opscore.domain.dispatch.dispatcher import Dispatcher
 from opscore.domain.sessions.history import SessionHistory
 from opscore.domain.workflows.engine import WorkflowEngine
 from opscore.domain.workflows.queue import TaskQueue
+from opscore.protocol.errors import ConfigurationError
 from opscore.server.config import Settings
 from opscore.server.security import check_exposure, load_keys, server_credentials
 from opscore.store.factory import open_store
@@ -71,7 +71,7 @@ class OpsCoreServer:
             store, clock, settings.workflows(), registry, queue, self._dispatcher
         )
         self._sessions = SessionHistory(store, clock, settings.sessions())
-        self.access = Authenticator(keys, self._credentials.agent_for_token)
+        self.authenticator = Authenticator(keys, self._credentials.agent_for_token)
 
         # What hears each commit, in this order: watchers first, then dispatch.
         store.add_commit_listener(self._agent_watch.on_commit)
@@ -104,7 +104,9 @@ class OpsCoreServer:
         settings = self.settings
         limit = settings.max_message_bytes
         server = grpc.aio.server(
-            interceptors=[interceptor_chain(self.access, settings.rate_limit, settings.rate_burst)],
+            interceptors=[
+                interceptor_chain(self.authenticator, settings.rate_limit, settings.rate_burst)
+            ],
             options=[
                 ("grpc.max_concurrent_streams", settings.max_concurrent_streams),
                 ("grpc.max_receive_message_length", limit),
@@ -155,7 +157,7 @@ class OpsCoreServer:
                 "port": self.port,
                 "db": str(settings.db),
                 "tls": self._tls is not None,
-                "auth": self.access.enabled,
+                "auth": self.authenticator.enabled,
             },
         )
 
@@ -167,10 +169,10 @@ class OpsCoreServer:
         except ConfigurationError as exc:
             log.error("keeping the old operator keys", extra={"error": exc.message})
             return
-        if bool(keys) != self.access.enabled:
+        if bool(keys) != self.authenticator.enabled:
             log.error("turning authentication on or off needs a restart; keys not reloaded")
             return
-        self.access.replace_keys(keys)
+        self.authenticator.replace_keys(keys)
         log.info("operator keys reloaded", extra={"count": len(keys)})
 
     async def stop(self, grace: float | None = None) -> None:

@@ -5,8 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from opscore.protocol.errors import ConfigurationError
-from opscore.protocol.limits import RequestLimits
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -16,6 +14,8 @@ from opscore.domain.dispatch.dispatcher import DispatchConfig
 from opscore.domain.events.hub import WatchConfig
 from opscore.domain.sessions.history import SessionsConfig
 from opscore.domain.workflows.engine import WorkflowsConfig
+from opscore.protocol.errors import ConfigurationError
+from opscore.protocol.limits import RequestLimits
 from opscore.store.factory import StoreConfig
 from opscore.store.sqlite.engine import SqliteConfig
 

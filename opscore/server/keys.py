@@ -8,9 +8,9 @@ import json
 from pathlib import Path
 
 import yaml
-from opscore.protocol.errors import ConfigurationError
 
 from opscore.domain.access import OperatorKey, Role
+from opscore.protocol.errors import ConfigurationError
 
 
 def _parse_entry(raw: object, where: str) -> OperatorKey:

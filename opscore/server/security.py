@@ -6,9 +6,9 @@ import ipaddress
 import logging
 
 import grpc
-from opscore.protocol.errors import ConfigurationError
 
 from opscore.domain.access import OperatorKey
+from opscore.protocol.errors import ConfigurationError
 from opscore.server.config import Settings
 from opscore.server.keys import load_operator_keys
 

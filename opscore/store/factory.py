@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Literal
 
 from opscore.protocol.errors import ConfigurationError
-
 from opscore.store.base import Store
 from opscore.store.sqlite.engine import SqliteConfig
 from opscore.store.sqlite.store import SqliteStore

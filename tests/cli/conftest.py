@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 from cli_support import Cli
+
 from opscore.sdk import Agent, NonRetryableError, TaskContext
 
 if TYPE_CHECKING:

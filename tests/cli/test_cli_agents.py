@@ -8,9 +8,9 @@ import signal
 import pytest
 import typer
 from cli_support import Cli, read_json_lines, read_until
-from opscore.protocol.enums import REPORTABLE_STATES, AgentState
 
 from opscore.cli.agents import REPORTED_STATES, STATES
+from opscore.protocol.enums import REPORTABLE_STATES, AgentState
 
 
 def test_state_choices_are_the_domain_states() -> None:

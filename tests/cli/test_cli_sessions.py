@@ -9,9 +9,9 @@ from typing import TYPE_CHECKING
 import pytest
 import typer
 from cli_support import Cli, plain, read_json_lines
-from opscore.protocol.enums import SessionStatus
 
 from opscore.cli.sessions import STATUSES
+from opscore.protocol.enums import SessionStatus
 
 if TYPE_CHECKING:
     from conftest import StartWorker

@@ -8,9 +8,10 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 import pytest
-from opscore.protocol.definition_files import load_definition
 from opspawn.opscore.v1 import workflow_pb2 as W
 from workflow_support import EXAMPLES, definition, duration, task, to_dict
+
+from opscore.protocol.definition_files import load_definition
 
 if TYPE_CHECKING:
     from conftest import Rpc

@@ -9,7 +9,6 @@ from typing import TYPE_CHECKING
 
 import grpc
 import pytest
-from opscore.protocol.definition_files import load_definition
 from opspawn.opscore.v1 import session_pb2 as S
 from opspawn.opscore.v1 import workflow_pb2 as W
 from workflow_support import (
@@ -22,6 +21,8 @@ from workflow_support import (
     task_of,
     to_dict,
 )
+
+from opscore.protocol.definition_files import load_definition
 
 if TYPE_CHECKING:
     from conftest import Rpc

@@ -11,8 +11,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import pytest
-from opscore.sdk import Agent, OpsCoreClient
 
+from opscore.sdk import Agent, OpsCoreClient
 from opscore.server.config import Settings
 
 if TYPE_CHECKING:

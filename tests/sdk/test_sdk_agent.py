@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
+
 from opscore.protocol import errors
 from opscore.sdk import (
     Agent,

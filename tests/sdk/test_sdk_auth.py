@@ -7,10 +7,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
-from opscore.protocol import errors
-from opscore.sdk import Agent, OpsCoreClient, SessionStatus, TaskContext
 
 from opscore.domain.access import Role, new_operator_key
+from opscore.protocol import errors
+from opscore.sdk import Agent, OpsCoreClient, SessionStatus, TaskContext
 from opscore.server.config import Settings
 
 if TYPE_CHECKING:

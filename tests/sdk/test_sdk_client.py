@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 import pytest
+from opspawn.opscore.v1 import lifecycle_pb2, lifecycle_pb2_grpc
+
 from opscore.protocol import errors
 from opscore.sdk import (
     AgentState,
@@ -25,7 +27,6 @@ from opscore.sdk import (
     UnavailableError,
 )
 from opscore.sdk.types import TaskAssignment
-from opspawn.opscore.v1 import lifecycle_pb2, lifecycle_pb2_grpc
 
 if TYPE_CHECKING:
     from conftest import StartServer

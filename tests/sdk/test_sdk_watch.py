@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, TypeVar
 
 import pytest
+
 from opscore.protocol import errors
 from opscore.sdk import Agent, AgentEventType, AgentState, OpsCoreClient, SessionEventType
 

@@ -1,5 +1,5 @@
 """Authentication and authorization: operator keys with roles, agent tokens, and the
-RULES table of opscore.api.access enforced on every RPC."""
+RULES table of opscore.api.interceptors.auth enforced on every RPC."""
 
 from __future__ import annotations
 
@@ -74,7 +74,7 @@ def auth_settings(
 @pytest.fixture
 async def auth_server(start_server: Any, auth_settings: Settings, clock: FakeClock) -> Any:
     server = await start_server(auth_settings, clock)
-    assert server.access.enabled
+    assert server.authenticator.enabled
     return server
 
 

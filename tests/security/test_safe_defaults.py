@@ -13,11 +13,11 @@ from typing import Any
 
 import grpc
 import pytest
-from opscore.protocol.errors import ConfigurationError
 from opspawn.opscore.v1 import lifecycle_pb2, lifecycle_pb2_grpc
 from security_support import Keys
 
 from opscore.domain.clock import FakeClock
+from opscore.protocol.errors import ConfigurationError
 from opscore.server.app import OpsCoreServer
 from opscore.server.config import Settings
 
@@ -42,7 +42,7 @@ def test_public_host_without_keys_is_refused(settings: Settings, db_file: Path, 
 def test_public_host_with_keys_is_accepted(settings: Settings) -> None:
     """With operator keys configured a public address needs no override."""
     cfg = settings.model_copy(update={"host": "0.0.0.0", "api_keys": Keys.fresh().api_keys})
-    assert OpsCoreServer(cfg, FakeClock()).access.enabled
+    assert OpsCoreServer(cfg, FakeClock()).authenticator.enabled
 
 
 async def test_insecure_no_auth_starts_on_public_host(
@@ -52,7 +52,7 @@ async def test_insecure_no_auth_starts_on_public_host(
     caplog.set_level(logging.WARNING, logger="opscore")
     cfg = settings.model_copy(update={"host": "0.0.0.0", "insecure_no_auth": True})
     server = await start_server(cfg, clock)
-    assert not server.access.enabled
+    assert not server.authenticator.enabled
     async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
         await lifecycle_pb2_grpc.LifecycleServiceStub(channel).ListAgents(
             lifecycle_pb2.ListAgentsRequest()
@@ -71,7 +71,7 @@ async def test_loopback_without_keys_warns(
     """On loopback without keys the server starts and logs a WARNING that auth is off."""
     caplog.set_level(logging.WARNING, logger="opscore")
     server = await start_server(settings.model_copy(update={"host": host}), clock)
-    assert not server.access.enabled
+    assert not server.authenticator.enabled
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert any(AUTH_OFF in r.getMessage() for r in warnings), [r.getMessage() for r in warnings]
 

@@ -19,12 +19,12 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from opscore.protocol.errors import ConfigurationError
 from opspawn.opscore.v1 import lifecycle_pb2, lifecycle_pb2_grpc
 from security_support import Keys, bearer
 
 from opscore.domain.access import Role
 from opscore.domain.clock import FakeClock
+from opscore.protocol.errors import ConfigurationError
 from opscore.server.app import OpsCoreServer
 from opscore.server.config import Settings
 

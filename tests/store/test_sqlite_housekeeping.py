@@ -9,8 +9,8 @@ import time
 from pathlib import Path
 
 import pytest
-from opscore.protocol.enums import AgentState
 
+from opscore.protocol.enums import AgentState
 from opscore.store.sqlite import agents as agents_sql
 from opscore.store.sqlite import engine as sqlite_engine
 from opscore.store.sqlite.engine import SqliteConfig

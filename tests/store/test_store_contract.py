@@ -17,6 +17,11 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+
+from opscore.domain.agents.model import Agent, AgentChange, AgentEvent, AgentFilter
+from opscore.domain.dispatch.matching import Claim, Offer
+from opscore.domain.workflows.definitions import RetryPolicy, TaskDefinition, WorkflowDefinition
+from opscore.domain.workflows.session import Session, SessionEvent, SessionFilter, TaskKey
 from opscore.protocol.enums import (
     AgentEventType,
     AgentState,
@@ -31,11 +36,6 @@ from opscore.protocol.errors import (
     StorageError,
     WorkflowDefinitionError,
 )
-
-from opscore.domain.agents.model import Agent, AgentChange, AgentEvent, AgentFilter
-from opscore.domain.dispatch.matching import Claim, Offer
-from opscore.domain.workflows.definitions import RetryPolicy, TaskDefinition, WorkflowDefinition
-from opscore.domain.workflows.session import Session, SessionEvent, SessionFilter, TaskKey
 from opscore.store.base import AgentDecision, Store
 from opscore.store.sqlite.engine import SqliteConfig
 from opscore.store.sqlite.store import SqliteStore

@@ -7,6 +7,8 @@ import enum
 
 import pytest
 from google.protobuf.descriptor import EnumDescriptor
+from opspawn.opscore.v1 import lifecycle_pb2, session_pb2
+
 from opscore.protocol.enums import (
     AgentEventType,
     AgentState,
@@ -14,7 +16,6 @@ from opscore.protocol.enums import (
     SessionStatus,
     TaskStatus,
 )
-from opspawn.opscore.v1 import lifecycle_pb2, session_pb2
 
 MIRRORS = [
     (AgentState, lifecycle_pb2.AgentState.DESCRIPTOR, "AGENT_STATE_"),

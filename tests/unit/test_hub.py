@@ -6,9 +6,9 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from opscore.protocol.errors import WatcherTooSlowError
 
 from opscore.domain.events.hub import Hub
+from opscore.protocol.errors import WatcherTooSlowError
 
 
 async def test_quiet_hub_delivers_at_once_and_busy_hub_keeps_its_message_budget() -> None:

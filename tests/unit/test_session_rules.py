@@ -1,5 +1,6 @@
-"""Pure domain tests of the run aggregate (opscore.runs) and workflow definitions
-(opscore.definitions): no server, no store, no clock but plain datetimes."""
+"""Pure domain tests of the session aggregate (opscore.domain.workflows.session) and
+workflow definitions (opscore.domain.workflows.definitions): no server, no store, no
+clock but plain datetimes."""
 
 from __future__ import annotations
 
@@ -10,9 +11,6 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from opscore.protocol.enums import FINISHED, SessionEventType, SessionStatus, TaskStatus
-from opscore.protocol.errors import InvalidArgumentError, InvalidStateError, TaskDispatchError
-from opscore.protocol.limits import RETRY_JITTER as JITTER
 
 from opscore.domain.workflows.definitions import (
     RetryPolicy,
@@ -21,6 +19,9 @@ from opscore.domain.workflows.definitions import (
     validate,
 )
 from opscore.domain.workflows.session import Session, TaskKey
+from opscore.protocol.enums import FINISHED, SessionEventType, SessionStatus, TaskStatus
+from opscore.protocol.errors import InvalidArgumentError, InvalidStateError, TaskDispatchError
+from opscore.protocol.limits import RETRY_JITTER as JITTER
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 E = SessionEventType

@@ -10,6 +10,7 @@ from typing import Any
 
 from google.protobuf import duration_pb2, json_format, struct_pb2, timestamp_pb2
 from google.protobuf.message import Message
+
 from opscore.protocol.errors import InvalidArgumentError
 from opscore.protocol.limits import RequestLimits
 from opscore.protocol.validation import Violations

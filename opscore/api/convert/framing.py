@@ -6,11 +6,11 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-from opscore.protocol.enums import AgentEventType
 from opspawn.opscore.v1 import lifecycle_pb2 as pb
 
 from opscore.api.convert.lifecycle import event_to_proto
 from opscore.domain.agents.model import AgentEvent
+from opscore.protocol.enums import AgentEventType
 
 _EVENTS_TAG = b"\x0a"  # WatchAgentStatesResponse.events: field 1, length-delimited
 

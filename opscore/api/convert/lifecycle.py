@@ -4,6 +4,16 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 
+from opspawn.opscore.v1 import lifecycle_pb2 as pb
+
+from opscore.api.convert.fields import (
+    RequestViolations,
+    dict_to_struct,
+    optional_time,
+    set_time,
+    struct_to_dict,
+)
+from opscore.domain.agents.model import Agent, AgentEvent, AgentFilter, AgentRegistration
 from opscore.protocol.enums import REPORTABLE_STATES, AgentState
 from opscore.protocol.limits import (
     MAX_CAPABILITY_LENGTH,
@@ -16,16 +26,6 @@ from opscore.protocol.limits import (
     RequestLimits,
 )
 from opscore.protocol.values import JsonObject
-from opspawn.opscore.v1 import lifecycle_pb2 as pb
-
-from opscore.api.convert.fields import (
-    RequestViolations,
-    dict_to_struct,
-    optional_time,
-    set_time,
-    struct_to_dict,
-)
-from opscore.domain.agents.model import Agent, AgentEvent, AgentFilter, AgentRegistration
 
 
 def registration_from_proto(

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from opscore.protocol.enums import SessionStatus
-from opscore.protocol.limits import MAX_REASON_LENGTH
 from opspawn.opscore.v1 import session_pb2
 
 from opscore.api.convert.fields import RequestViolations, dict_to_struct, set_time
 from opscore.domain.workflows.session import Session, SessionEvent, SessionFilter
+from opscore.protocol.enums import SessionStatus
+from opscore.protocol.limits import MAX_REASON_LENGTH
 
 
 def session_filter(req: session_pb2.ListSessionsRequest) -> SessionFilter:

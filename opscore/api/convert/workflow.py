@@ -6,6 +6,11 @@ from __future__ import annotations
 import math
 
 from google.protobuf import duration_pb2
+from opspawn.opscore.v1 import workflow_pb2
+
+from opscore.api.convert.fields import RequestViolations, dict_to_struct, set_time, struct_to_dict
+from opscore.domain.workflows.definitions import RetryPolicy, TaskDefinition, WorkflowDefinition
+from opscore.domain.workflows.session import Assignment
 from opscore.protocol.limits import (
     DEFAULT_TASK_TIMEOUT_SECONDS,
     MAX_ERROR_MESSAGE_LENGTH,
@@ -17,11 +22,6 @@ from opscore.protocol.limits import (
 )
 from opscore.protocol.validation import Violations, require_id
 from opscore.protocol.values import JsonObject
-from opspawn.opscore.v1 import workflow_pb2
-
-from opscore.api.convert.fields import RequestViolations, dict_to_struct, set_time, struct_to_dict
-from opscore.domain.workflows.definitions import RetryPolicy, TaskDefinition, WorkflowDefinition
-from opscore.domain.workflows.session import Assignment
 
 DEFAULT_RETRY = RetryPolicy()
 # A session's definition: given whole, or named by (id, version; "" for the newest).

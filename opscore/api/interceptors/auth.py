@@ -9,8 +9,6 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
-from opscore.protocol.errors import PermissionDeniedError, UnauthenticatedError
-
 from opscore.api.interceptors.base import Handler, MethodInterceptor, behaviour_of, rebuild
 from opscore.domain.access import (
     AGENT_TOKEN_PREFIX,
@@ -20,6 +18,7 @@ from opscore.domain.access import (
     Role,
     digest,
 )
+from opscore.protocol.errors import PermissionDeniedError, UnauthenticatedError
 
 # The principal of the RPC being served (set by the interceptor for its task).
 current_principal: ContextVar[Principal] = ContextVar("current_principal", default=ANONYMOUS)

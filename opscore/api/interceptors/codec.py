@@ -9,7 +9,6 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from google.protobuf.message import DecodeError
-from opscore.protocol.errors import InvalidArgumentError
 
 from opscore.api.interceptors.base import (
     Behaviour,
@@ -18,6 +17,7 @@ from opscore.api.interceptors.base import (
     behaviour_of,
     rebuild,
 )
+from opscore.protocol.errors import InvalidArgumentError
 
 
 def _parser(parse: Callable[[bytes], Any]) -> Callable[[bytes], Any]:

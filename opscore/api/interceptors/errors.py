@@ -13,10 +13,10 @@ import grpc
 from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
-from opscore.protocol import errors
-from opscore.protocol.status import ERROR_DOMAIN, code_and_reason
 
 from opscore.api.interceptors.base import Handler, MethodInterceptor, behaviour_of, rebuild
+from opscore.protocol import errors
+from opscore.protocol.status import ERROR_DOMAIN, code_and_reason
 
 log = logging.getLogger(__name__)
 

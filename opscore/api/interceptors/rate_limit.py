@@ -6,11 +6,10 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from opscore.protocol.errors import RateLimitedError
-
 from opscore.api.interceptors.auth import current_principal
 from opscore.api.interceptors.base import Handler, MethodInterceptor, behaviour_of, rebuild
 from opscore.domain.access import ANONYMOUS
+from opscore.protocol.errors import RateLimitedError
 
 
 class TokenBuckets:

@@ -6,8 +6,6 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
-from opscore.protocol.limits import RequestLimits
-from opscore.protocol.validation import require_id
 from opspawn.opscore.v1 import lifecycle_pb2 as pb
 from opspawn.opscore.v1 import lifecycle_pb2_grpc
 
@@ -16,6 +14,8 @@ from opscore.api.convert.framing import EventCache
 from opscore.domain.agents.liveness import Liveness
 from opscore.domain.agents.registry import AgentRegistry
 from opscore.domain.agents.watch import AgentWatch
+from opscore.protocol.limits import RequestLimits
+from opscore.protocol.validation import require_id
 
 Context = grpc.aio.ServicerContext[Any, Any]
 

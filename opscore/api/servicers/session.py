@@ -6,12 +6,12 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
-from opscore.protocol.validation import require_id
 from opspawn.opscore.v1 import session_pb2, session_pb2_grpc
 
 from opscore.api.convert import session as convert
 from opscore.domain.sessions.history import SessionHistory
 from opscore.domain.workflows.engine import WorkflowEngine
+from opscore.protocol.validation import require_id
 
 Context = grpc.aio.ServicerContext[Any, Any]
 

@@ -6,7 +6,6 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
-from opscore.protocol.limits import RequestLimits
 from opspawn.opscore.v1 import session_pb2, workflow_pb2, workflow_pb2_grpc
 
 from opscore.api.convert import session as session_convert
@@ -14,6 +13,7 @@ from opscore.api.convert import workflow as convert
 from opscore.api.convert.fields import set_time
 from opscore.api.interceptors.auth import current_principal
 from opscore.domain.workflows.engine import WorkflowEngine
+from opscore.protocol.limits import RequestLimits
 
 Context = grpc.aio.ServicerContext[Any, Any]
 

@@ -8,11 +8,10 @@ import logging
 from dataclasses import dataclass
 from datetime import timedelta
 
-from opscore.protocol.enums import AgentEventType, AgentState
-from opscore.protocol.errors import AgentNotFoundError
-
 from opscore.domain.agents.model import Agent, AgentChange
 from opscore.domain.clock import Clock
+from opscore.protocol.enums import AgentEventType, AgentState
+from opscore.protocol.errors import AgentNotFoundError
 from opscore.store.base import Store
 
 log = logging.getLogger(__name__)

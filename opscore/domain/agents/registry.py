@@ -11,6 +11,11 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+from opscore.domain import paging
+from opscore.domain.agents.credentials import AgentCredentials
+from opscore.domain.agents.model import Agent, AgentChange, AgentFilter, AgentRegistration
+from opscore.domain.clock import Clock
+from opscore.domain.paging import Page
 from opscore.protocol.enums import AgentEventType, AgentState
 from opscore.protocol.errors import (
     AgentNotFoundError,
@@ -19,12 +24,6 @@ from opscore.protocol.errors import (
     StaleStateReportError,
 )
 from opscore.protocol.values import JsonObject
-
-from opscore.domain import paging
-from opscore.domain.agents.credentials import AgentCredentials
-from opscore.domain.agents.model import Agent, AgentChange, AgentFilter, AgentRegistration
-from opscore.domain.clock import Clock
-from opscore.domain.paging import Page
 from opscore.store.base import Store
 
 log = logging.getLogger(__name__)

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterable
 
-from opscore.protocol.enums import AgentEventType
-from opscore.protocol.errors import RevisionCompactedError
-
 from opscore.domain.agents.model import AgentEvent, AgentFilter
 from opscore.domain.clock import Clock
 from opscore.domain.events.hub import Hub, WatchConfig
+from opscore.protocol.enums import AgentEventType
+from opscore.protocol.errors import RevisionCompactedError
 from opscore.store.base import Store
 
 # Events per watch message and per history read.

@@ -15,13 +15,12 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from opscore.protocol.enums import AgentEventType, AgentState
-from opscore.protocol.errors import AgentNotFoundError, ResourceLimitError, ShuttingDownError
-
 from opscore.domain.agents.model import Agent, AgentEvent
 from opscore.domain.dispatch.matching import Claim, Offer
 from opscore.domain.dispatch.streams import TaskStream
 from opscore.domain.workflows.session import Assignment, Session, TaskKey
+from opscore.protocol.enums import AgentEventType, AgentState
+from opscore.protocol.errors import AgentNotFoundError, ResourceLimitError, ShuttingDownError
 
 log = logging.getLogger(__name__)
 
@@ -140,8 +139,8 @@ class Dispatcher:
     # -- eager dispatch ------------------------------------------------------------
 
     def reserve(self, ready: dict[str, str], pinned: str) -> tuple[TaskStream, str] | None:
-        """Books a free slot for one of a new run's ready tasks (`ready`: capability ->
-        task_id), so the task is dispatched in the transaction that creates the run
+        """Books a free slot for one of a new session's ready tasks (`ready`: capability ->
+        task_id), so the task is dispatched in the transaction that creates the session
         instead of one commit later. Returns the stream and the task it should take."""
         streams = list(self._streams.items())
         self._rotation = (self._rotation + 1) % max(1, len(streams))

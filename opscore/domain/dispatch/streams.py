@@ -5,9 +5,8 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 
-from opscore.protocol.errors import OpsCoreError
-
 from opscore.domain.workflows.session import Assignment, TaskKey
+from opscore.protocol.errors import OpsCoreError
 
 
 class TaskStream:

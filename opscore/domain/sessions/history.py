@@ -8,14 +8,13 @@ from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from datetime import timedelta
 
-from opscore.protocol.enums import FINISHED, TERMINAL_EVENTS
-from opscore.protocol.errors import SessionNotFoundError
-
 from opscore.domain import paging
 from opscore.domain.clock import Clock
 from opscore.domain.events.hub import Hub, WatchConfig
 from opscore.domain.paging import Page
 from opscore.domain.workflows.session import Session, SessionEvent, SessionFilter
+from opscore.protocol.enums import FINISHED, TERMINAL_EVENTS
+from opscore.protocol.errors import SessionNotFoundError
 from opscore.store.base import Store
 
 log = logging.getLogger(__name__)

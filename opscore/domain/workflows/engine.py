@@ -14,13 +14,6 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TypeVar
 
-from opscore.protocol.errors import (
-    InvalidArgumentError,
-    InvalidStateError,
-    WorkflowDefinitionNotFoundError,
-)
-from opscore.protocol.values import JsonObject
-
 from opscore.domain import paging
 from opscore.domain.agents.registry import AgentRegistry
 from opscore.domain.clock import Clock
@@ -31,6 +24,12 @@ from opscore.domain.workflows.definitions import WorkflowDefinition
 from opscore.domain.workflows.queue import TaskQueue
 from opscore.domain.workflows.session import Assignment, Session
 from opscore.domain.workflows.tokens import TaskTokens
+from opscore.protocol.errors import (
+    InvalidArgumentError,
+    InvalidStateError,
+    WorkflowDefinitionNotFoundError,
+)
+from opscore.protocol.values import JsonObject
 from opscore.store.base import Store
 
 log = logging.getLogger(__name__)

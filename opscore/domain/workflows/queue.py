@@ -11,11 +11,10 @@ import random
 from collections.abc import Callable, Iterable
 from typing import TypeVar
 
-from opscore.protocol.errors import SessionNotFoundError
-
 from opscore.domain.clock import Clock
 from opscore.domain.dispatch.matching import Claim, Offer
 from opscore.domain.workflows.session import Session, TaskKey
+from opscore.protocol.errors import SessionNotFoundError
 from opscore.store.base import Store
 
 log = logging.getLogger(__name__)

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, NamedTuple
 
+from opscore.domain.workflows.definitions import TaskDefinition, WorkflowDefinition
 from opscore.protocol.enums import (
     FINISHED,
     LEASED,
@@ -18,8 +19,6 @@ from opscore.protocol.enums import (
 )
 from opscore.protocol.errors import InvalidStateError, PermissionDeniedError, TaskDispatchError
 from opscore.protocol.values import JsonObject
-
-from opscore.domain.workflows.definitions import TaskDefinition, WorkflowDefinition
 
 
 class TaskKey(NamedTuple):

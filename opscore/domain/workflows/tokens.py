@@ -12,9 +12,8 @@ import base64
 import hmac
 import json
 
-from opscore.protocol.errors import InvalidArgumentError
-
 from opscore.domain.workflows.session import TaskKey
+from opscore.protocol.errors import InvalidArgumentError
 
 _SIG_BYTES = 16
 

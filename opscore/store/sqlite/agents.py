@@ -9,10 +9,9 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
+from opscore.domain.agents.model import Agent, AgentChange, AgentEvent, AgentFilter
 from opscore.protocol.enums import AgentEventType, AgentState
 from opscore.protocol.values import epoch_micros, from_epoch_micros
-
-from opscore.domain.agents.model import Agent, AgentChange, AgentEvent, AgentFilter
 from opscore.store.sqlite.codec import (
     AGENT_COLUMNS,
     AGENT_STATE_ASSIGNMENTS,

@@ -9,11 +9,10 @@ import json
 from datetime import datetime
 from typing import Any
 
-from opscore.protocol.enums import AgentState
-from opscore.protocol.values import epoch_micros, from_epoch_micros
-
 from opscore.domain.agents.model import Agent
 from opscore.domain.workflows.definitions import RetryPolicy, TaskDefinition, WorkflowDefinition
+from opscore.protocol.enums import AgentState
+from opscore.protocol.values import epoch_micros, from_epoch_micros
 
 
 def dumps(value: Any) -> str:
@@ -113,7 +112,7 @@ def definition_from_dict(body: dict[str, Any]) -> WorkflowDefinition:
 
 @functools.lru_cache(maxsize=256)
 def definition_from_json(text: str) -> WorkflowDefinition:
-    """Every run of a workflow stores the same definition text: parse it once."""
+    """Every session of a workflow stores the same definition text: parse it once."""
     return definition_from_dict(json.loads(text))
 
 
@@ -122,7 +121,7 @@ _definition_texts: dict[int, tuple[WorkflowDefinition, str]] = {}
 
 def definition_to_json(definition: WorkflowDefinition) -> str:
     """The stored text of a definition, computed once per definition object (the
-    engine hands the same object to every run it starts)."""
+    engine hands the same object to every session it starts)."""
     cached = _definition_texts.get(id(definition))
     if cached is not None and cached[0] is definition:
         return cached[1]

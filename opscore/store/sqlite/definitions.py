@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import sqlite3
 
-from opscore.protocol.errors import WorkflowDefinitionError
-
 from opscore.domain.workflows.definitions import WorkflowDefinition
+from opscore.protocol.errors import WorkflowDefinitionError
 from opscore.store.sqlite.codec import definition_from_json, definition_to_json
 
 

@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from opscore.protocol.errors import OpsCoreError, StorageError
-
 from opscore.store.sqlite import agents as agents_sql
 from opscore.store.sqlite.migrations import migrate
 

@@ -10,10 +10,6 @@ from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any
 
-from opscore.protocol.enums import SessionEventType, SessionStatus, TaskStatus
-from opscore.protocol.errors import StorageError
-from opscore.protocol.values import epoch_micros, from_epoch_micros
-
 from opscore.domain.dispatch.matching import Claim, Matcher, Offer
 from opscore.domain.workflows.session import (
     Assignment,
@@ -23,6 +19,9 @@ from opscore.domain.workflows.session import (
     SessionTask,
     TaskKey,
 )
+from opscore.protocol.enums import SessionEventType, SessionStatus, TaskStatus
+from opscore.protocol.errors import StorageError
+from opscore.protocol.values import epoch_micros, from_epoch_micros
 from opscore.store.sqlite.codec import (
     assignments,
     definition_from_json,

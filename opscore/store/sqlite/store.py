@@ -10,8 +10,6 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any, TypeVar
 
-from opscore.protocol.errors import SessionNotFoundError
-
 from opscore.domain.agents.model import Agent, AgentEvent, AgentFilter
 from opscore.domain.dispatch.matching import Claim, Offer
 from opscore.domain.workflows.definitions import WorkflowDefinition
@@ -22,6 +20,7 @@ from opscore.domain.workflows.session import (
     SessionFilter,
     TaskKey,
 )
+from opscore.protocol.errors import SessionNotFoundError
 from opscore.store.base import AgentDecision, Store
 from opscore.store.sqlite import agents as agents_sql
 from opscore.store.sqlite import definitions as definitions_sql

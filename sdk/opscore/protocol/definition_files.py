@@ -13,8 +13,9 @@ from typing import Any
 
 import yaml
 from google.protobuf import json_format
-from opscore.protocol.errors import InvalidArgumentError
 from opspawn.opscore.v1 import workflow_pb2
+
+from opscore.protocol.errors import InvalidArgumentError
 
 
 def parse_definition(data: Any, source: str = "definition") -> workflow_pb2.WorkflowDefinition:

@@ -4,6 +4,7 @@ reasons: the server's error interceptor applies it, the SDK inverts it."""
 from __future__ import annotations
 
 import grpc
+
 from opscore.protocol import errors
 
 ERROR_DOMAIN = "opscore.opspawn.dev"

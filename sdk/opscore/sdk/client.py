@@ -19,10 +19,6 @@ from types import TracebackType
 from typing import Any, Self, TypeVar
 
 import grpc
-from opscore.protocol.enums import AgentEventType, AgentState, SessionStatus
-from opscore.protocol.errors import InvalidArgumentError
-from opscore.sdk import convert, types
-from opscore.sdk.errors import from_rpc_error
 from opspawn.opscore.v1 import (
     lifecycle_pb2,
     lifecycle_pb2_grpc,
@@ -31,6 +27,11 @@ from opspawn.opscore.v1 import (
     workflow_pb2,
     workflow_pb2_grpc,
 )
+
+from opscore.protocol.enums import AgentEventType, AgentState, SessionStatus
+from opscore.protocol.errors import InvalidArgumentError
+from opscore.sdk import convert, types
+from opscore.sdk.errors import from_rpc_error
 
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")

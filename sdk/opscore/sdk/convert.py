@@ -9,6 +9,8 @@ from typing import Any, TypeVar
 
 from google.protobuf import json_format, struct_pb2, timestamp_pb2
 from google.protobuf.message import Message
+from opspawn.opscore.v1 import lifecycle_pb2, session_pb2, workflow_pb2
+
 from opscore.protocol.definition_files import load_definition, parse_definition
 from opscore.protocol.enums import (
     AgentEventType,
@@ -19,7 +21,6 @@ from opscore.protocol.enums import (
 )
 from opscore.protocol.errors import InvalidArgumentError
 from opscore.sdk import types
-from opspawn.opscore.v1 import lifecycle_pb2, session_pb2, workflow_pb2
 
 E = TypeVar("E", bound=enum.IntEnum)
 

@@ -12,6 +12,7 @@ from typing import cast
 
 import grpc
 from google.rpc import error_details_pb2, status_pb2
+
 from opscore.protocol import errors
 from opscore.protocol.status import ERROR_DOMAIN, STATUS_TABLE
 
