@@ -15,6 +15,8 @@ from opscore.cli.common import (
     Token,
     json_object,
     key_values,
+    metavar,
+    names,
     one_of,
     page_size,
     run,
@@ -27,8 +29,9 @@ app: typer.Typer = typer.Typer(help="Register, inspect and watch agents.", no_ar
 
 
 # Every state, and the ones an agent may report (OFFLINE is decided by the server).
-STATES = one_of(s for s in AgentState if s)
-REPORTED_STATES = one_of(sorted(REPORTABLE_STATES))
+STATE_NAMES = names(s for s in AgentState if s)
+REPORTED_NAMES = names(sorted(REPORTABLE_STATES))
+STATES, REPORTED_STATES = one_of(STATE_NAMES), one_of(REPORTED_NAMES)
 
 
 AgentId = Annotated[str, typer.Argument(metavar="AGENT", help="Agent id.")]
@@ -39,7 +42,9 @@ def list_agents(
     state: Annotated[
         list[str] | None,
         typer.Option(
-            parser=STATES, metavar="STATE", help="Only agents in this state (repeatable)."
+            parser=STATES,
+            metavar=metavar(STATE_NAMES),
+            help="Only agents in this state (repeatable).",
         ),
     ] = None,
     capability: Annotated[str, typer.Option(help="Only agents with this capability.")] = "",
@@ -101,7 +106,11 @@ def update_state(
     agent_id: AgentId,
     state: Annotated[
         str,
-        typer.Argument(parser=REPORTED_STATES, metavar="STATE", help="The state to report."),
+        typer.Argument(
+            parser=REPORTED_STATES,
+            metavar="STATE",
+            help=f"The state to report: {', '.join(REPORTED_NAMES)}.",
+        ),
     ],
     details: Annotated[
         dict[str, Any] | None,

@@ -42,10 +42,13 @@ Json = Annotated[bool, typer.Option("--json", help="Print JSON instead of tables
 Limit = Annotated[int | None, typer.Option(min=1, help="Show at most N.")]
 
 
-def one_of(members: Iterable[enum.IntEnum]) -> Callable[[str], str]:
-    """A parser accepting the name of one of the protocol enum's `members`, in any
-    case (the SDK takes names); anything else is a usage error listing the names."""
-    choices = [m.name for m in members]
+def names(members: Iterable[enum.IntEnum]) -> list[str]:
+    return [m.name for m in members]
+
+
+def one_of(choices: list[str]) -> Callable[[str], str]:
+    """A parser accepting one of `choices` (protocol enum names, which the SDK takes)
+    in any case; anything else is a usage error listing them."""
 
     def parse(value: str) -> str:
         if value.upper() not in choices:
@@ -53,6 +56,10 @@ def one_of(members: Iterable[enum.IntEnum]) -> Callable[[str], str]:
         return value.upper()
 
     return parse
+
+
+def metavar(choices: list[str]) -> str:
+    return f"[{'|'.join(choices)}]"
 
 
 def json_object(text: str) -> dict[str, Any]:

@@ -13,6 +13,8 @@ from opscore.cli.common import (
     Json,
     Limit,
     Token,
+    metavar,
+    names,
     one_of,
     page_size,
     run,
@@ -27,7 +29,8 @@ app: typer.Typer = typer.Typer(
 )
 
 
-STATUSES = one_of(s for s in SessionStatus if s)
+STATUS_NAMES = names(s for s in SessionStatus if s)
+STATUSES = one_of(STATUS_NAMES)
 
 
 SessionId = Annotated[str, typer.Argument(metavar="SESSION", help="Session id.")]
@@ -48,7 +51,9 @@ def list_sessions(
     status: Annotated[
         list[str] | None,
         typer.Option(
-            parser=STATUSES, metavar="STATUS", help="Only sessions with this status (repeatable)."
+            parser=STATUSES,
+            metavar=metavar(STATUS_NAMES),
+            help="Only sessions with this status (repeatable).",
         ),
     ] = None,
     workflow: Annotated[str, typer.Option(help="Only sessions of this workflow.")] = "",
