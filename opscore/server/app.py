@@ -84,9 +84,10 @@ class OpsCoreServer:
             ("scheduler", self._engine.config.scheduler_interval, self._engine.tick),
             ("session-retention", self._sessions.config.prune_interval, self._sessions.prune),
         ]
+        limits = settings.limits()
         self._servicers = (
-            LifecycleServicer(registry, liveness, self._agent_watch, settings.limits()),
-            WorkflowServicer(self._engine, settings.limits()),
+            LifecycleServicer(registry, liveness, self._agent_watch, limits),
+            WorkflowServicer(self._engine, limits),
             SessionServicer(self._sessions, self._engine),
         )
         self._health = health.aio.HealthServicer()  # type: ignore[attr-defined]

@@ -32,9 +32,7 @@ def _framed(event: AgentEvent) -> bytes:
 
 
 class EventCache:
-    """Serializes each committed event once, framed as one `events` entry of a
-    WatchAgentStatesResponse, so a response to any watcher is the concatenation of
-    cached bytes: fan-out costs no per-watcher protobuf work."""
+    """The framed bytes of the newest committed events, by revision."""
 
     def __init__(self, size: int = 8192) -> None:
         self._size = size

@@ -10,6 +10,7 @@ from opspawn.opscore.v1 import workflow_pb2
 
 from opscore.api.convert.fields import RequestViolations, dict_to_struct, set_time, struct_to_dict
 from opscore.domain.workflows.definitions import RetryPolicy, TaskDefinition, WorkflowDefinition
+from opscore.domain.workflows.engine import DefinitionSource
 from opscore.domain.workflows.session import Assignment
 from opscore.protocol.limits import (
     DEFAULT_TASK_TIMEOUT_SECONDS,
@@ -20,12 +21,10 @@ from opscore.protocol.limits import (
     MAX_VERSION_LENGTH,
     RequestLimits,
 )
-from opscore.protocol.validation import Violations, require_id
+from opscore.protocol.validation import require_id
 from opscore.protocol.values import JsonObject
 
 DEFAULT_RETRY = RetryPolicy()
-# A session's definition: given whole, or named by (id, version; "" for the newest).
-DefinitionSource = WorkflowDefinition | tuple[str, str]
 
 
 def _seconds(value: duration_pb2.Duration) -> float:
@@ -153,7 +152,7 @@ def new_definition(
 def definition_version(definition_id: str, version: str, *, required: bool) -> tuple[str, str]:
     """(id, version) naming a stored definition (Get: version optional; Delete: not)."""
     require_id("id", definition_id)
-    v = Violations()
+    v = RequestViolations()
     v.text("version", version, max_len=MAX_VERSION_LENGTH, required=required)
     v.raise_if_any()
     return definition_id, version

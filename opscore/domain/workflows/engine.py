@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 
 R = TypeVar("R")
 DEFINITION_CACHE_SIZE = 1024
+# A session's definition: given whole, or named by (id, version; "" for the newest).
+DefinitionSource = WorkflowDefinition | tuple[str, str]
 
 
 def session_id_at(now: datetime) -> str:
@@ -129,7 +131,7 @@ class WorkflowEngine:
 
     async def start_session(
         self,
-        definition: WorkflowDefinition | tuple[str, str],
+        definition: DefinitionSource,
         input: JsonObject,
         agent_id: str,
         request_id: str,
