@@ -15,6 +15,8 @@ from opscore.protocol.enums import (
     SessionEventType,
     SessionStatus,
     TaskStatus,
+    TimeoutType,
+    WaitingReason,
 )
 
 MIRRORS = [
@@ -23,6 +25,8 @@ MIRRORS = [
     (SessionStatus, session_pb2.SessionStatus.DESCRIPTOR, "SESSION_STATUS_"),
     (TaskStatus, session_pb2.TaskStatus.DESCRIPTOR, "TASK_STATUS_"),
     (SessionEventType, session_pb2.SessionEventType.DESCRIPTOR, "SESSION_EVENT_TYPE_"),
+    (TimeoutType, session_pb2.TimeoutType.DESCRIPTOR, "TIMEOUT_TYPE_"),
+    (WaitingReason, session_pb2.WaitingReason.DESCRIPTOR, "WAITING_REASON_"),
 ]
 
 

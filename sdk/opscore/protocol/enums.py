@@ -81,6 +81,28 @@ class SessionEventType(enum.IntEnum):
     SESSION_CANCELLED = 10
     SESSION_COMPLETED = 11
     SESSION_FAILED = 12
+    TASK_TIMED_OUT = 13
+    TASK_ANSWER_REFUSED = 14
+
+
+class TimeoutType(enum.IntEnum):
+    """Mirrors `opspawn.opscore.v1.TimeoutType`."""
+
+    UNSPECIFIED = 0
+    START_TO_CLOSE = 1
+    HEARTBEAT = 2
+    SCHEDULE_TO_START = 3
+
+
+class WaitingReason(enum.IntEnum):
+    """Mirrors `opspawn.opscore.v1.WaitingReason`."""
+
+    UNSPECIFIED = 0
+    DEPENDENCIES = 1
+    NO_CAPABLE_AGENT = 2
+    AGENTS_BUSY = 3
+    BACKOFF = 4
+    DISPATCHING = 5
 
 
 # The last event of every session: a watch ends after it.

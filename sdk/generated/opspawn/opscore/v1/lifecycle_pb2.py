@@ -27,7 +27,7 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"opspawn/opscore/v1/lifecycle.proto\x12\x12opspawn.opscore.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xb1\x04\n\x05\x41gent\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x14\n\x0c\x63\x61pabilities\x18\x04 \x03(\t\x12\x18\n\x10\x63ontact_endpoint\x18\x05 \x01(\t\x12\x39\n\x08metadata\x18\x06 \x03(\x0b\x32\'.opspawn.opscore.v1.Agent.MetadataEntry\x12-\n\x05state\x18\x07 \x01(\x0e\x32\x1e.opspawn.opscore.v1.AgentState\x12.\n\rstate_details\x18\x08 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x31\n\rregistered_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x34\n\x10state_updated_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x35\n\x11last_heartbeat_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08revision\x18\x0c \x01(\x03\x12\x35\n\x11state_observed_at\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0b\x61gent_token\x18\x0e \x01(\t\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xf2\x01\n\x14RegisterAgentRequest\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x14\n\x0c\x63\x61pabilities\x18\x04 \x03(\t\x12\x18\n\x10\x63ontact_endpoint\x18\x05 \x01(\t\x12H\n\x08metadata\x18\x06 \x03(\x0b\x32\x36.opspawn.opscore.v1.RegisterAgentRequest.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"+\n\x17RotateAgentTokenRequest\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\"*\n\x16\x44\x65registerAgentRequest\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\"#\n\x0fGetAgentRequest\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\"~\n\x11ListAgentsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12.\n\x06states\x18\x03 \x03(\x0e\x32\x1e.opspawn.opscore.v1.AgentState\x12\x12\n\ncapability\x18\x04 \x01(\t\"j\n\x12ListAgentsResponse\x12)\n\x06\x61gents\x18\x01 \x03(\x0b\x32\x19.opspawn.opscore.v1.Agent\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\x10\n\x08revision\x18\x03 \x01(\x03\"\xb5\x01\n\x17UpdateAgentStateRequest\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12-\n\x05state\x18\x02 \x01(\x0e\x32\x1e.opspawn.opscore.v1.AgentState\x12(\n\x07\x64\x65tails\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12/\n\x0bobserved_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"$\n\x10HeartbeatRequest\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\"\xca\x01\n\x11HeartbeatResponse\x12-\n\x05state\x18\x01 \x01(\x0e\x32\x1e.opspawn.opscore.v1.AgentState\x12 \n\x18liveness_timeout_seconds\x18\x02 \x01(\x05\x12/\n\x0bserver_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x33\n\x10liveness_timeout\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\"\x8c\x01\n\x17WatchAgentStatesRequest\x12\x11\n\tagent_ids\x18\x01 \x03(\t\x12\x12\n\ncapability\x18\x02 \x01(\t\x12\x1b\n\x0esince_revision\x18\x03 \x01(\x03H\x00\x88\x01\x01\x12\x1a\n\x12send_initial_state\x18\x04 \x01(\x08\x42\x11\n\x0f_since_revision\"J\n\x18WatchAgentStatesResponse\x12.\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x1e.opspawn.opscore.v1.AgentEvent\"\xab\x01\n\nAgentEvent\x12\x10\n\x08revision\x18\x01 \x01(\x03\x12\x30\n\x04type\x18\x02 \x01(\x0e\x32\".opspawn.opscore.v1.AgentEventType\x12(\n\x05\x61gent\x18\x03 \x01(\x0b\x32\x19.opspawn.opscore.v1.Agent\x12/\n\x0boccurred_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp*\xbd\x01\n\nAgentState\x12\x1b\n\x17\x41GENT_STATE_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x41GENT_STATE_INITIALIZING\x10\x01\x12\x14\n\x10\x41GENT_STATE_IDLE\x10\x02\x12\x14\n\x10\x41GENT_STATE_BUSY\x10\x03\x12\x15\n\x11\x41GENT_STATE_ERROR\x10\x04\x12\x18\n\x14\x41GENT_STATE_DRAINING\x10\x05\x12\x17\n\x13\x41GENT_STATE_OFFLINE\x10\x06*\xf4\x01\n\x0e\x41gentEventType\x12 \n\x1c\x41GENT_EVENT_TYPE_UNSPECIFIED\x10\x00\x12\x1f\n\x1b\x41GENT_EVENT_TYPE_REGISTERED\x10\x01\x12\"\n\x1e\x41GENT_EVENT_TYPE_STATE_CHANGED\x10\x02\x12!\n\x1d\x41GENT_EVENT_TYPE_DEREGISTERED\x10\x03\x12\x1c\n\x18\x41GENT_EVENT_TYPE_OFFLINE\x10\x04\x12\x1d\n\x19\x41GENT_EVENT_TYPE_SNAPSHOT\x10\x05\x12\x1b\n\x17\x41GENT_EVENT_TYPE_SYNCED\x10\x06\x32\xee\x05\n\x10LifecycleService\x12T\n\rRegisterAgent\x12(.opspawn.opscore.v1.RegisterAgentRequest\x1a\x19.opspawn.opscore.v1.Agent\x12X\n\x0f\x44\x65registerAgent\x12*.opspawn.opscore.v1.DeregisterAgentRequest\x1a\x19.opspawn.opscore.v1.Agent\x12J\n\x08GetAgent\x12#.opspawn.opscore.v1.GetAgentRequest\x1a\x19.opspawn.opscore.v1.Agent\x12[\n\nListAgents\x12%.opspawn.opscore.v1.ListAgentsRequest\x1a&.opspawn.opscore.v1.ListAgentsResponse\x12Z\n\x10UpdateAgentState\x12+.opspawn.opscore.v1.UpdateAgentStateRequest\x1a\x19.opspawn.opscore.v1.Agent\x12X\n\tHeartbeat\x12$.opspawn.opscore.v1.HeartbeatRequest\x1a%.opspawn.opscore.v1.HeartbeatResponse\x12o\n\x10WatchAgentStates\x12+.opspawn.opscore.v1.WatchAgentStatesRequest\x1a,.opspawn.opscore.v1.WatchAgentStatesResponse0\x01\x12Z\n\x10RotateAgentToken\x12+.opspawn.opscore.v1.RotateAgentTokenRequest\x1a\x19.opspawn.opscore.v1.Agentb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"opspawn/opscore/v1/lifecycle.proto\x12\x12opspawn.opscore.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x8d\x05\n\x05\x41gent\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x14\n\x0c\x63\x61pabilities\x18\x04 \x03(\t\x12\x18\n\x10\x63ontact_endpoint\x18\x05 \x01(\t\x12\x39\n\x08metadata\x18\x06 \x03(\x0b\x32\'.opspawn.opscore.v1.Agent.MetadataEntry\x12-\n\x05state\x18\x07 \x01(\x0e\x32\x1e.opspawn.opscore.v1.AgentState\x12.\n\rstate_details\x18\x08 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x31\n\rregistered_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x34\n\x10state_updated_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x35\n\x11last_heartbeat_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08revision\x18\x0c \x01(\x03\x12\x35\n\x11state_observed_at\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0b\x61gent_token\x18\x0e \x01(\t\x12\x11\n\tconnected\x18\x0f \x01(\x08\x12\x12\n\nfree_slots\x18\x10 \x01(\x05\x12\x33\n\x0flast_contact_at\x18\x11 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xf2\x01\n\x14RegisterAgentRequest\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x14\n\x0c\x63\x61pabilities\x18\x04 \x03(\t\x12\x18\n\x10\x63ontact_endpoint\x18\x05 \x01(\t\x12H\n\x08metadata\x18\x06 \x03(\x0b\x32\x36.opspawn.opscore.v1.RegisterAgentRequest.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"+\n\x17RotateAgentTokenRequest\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\"*\n\x16\x44\x65registerAgentRequest\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\"#\n\x0fGetAgentRequest\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\"~\n\x11ListAgentsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12.\n\x06states\x18\x03 \x03(\x0e\x32\x1e.opspawn.opscore.v1.AgentState\x12\x12\n\ncapability\x18\x04 \x01(\t\"j\n\x12ListAgentsResponse\x12)\n\x06\x61gents\x18\x01 \x03(\x0b\x32\x19.opspawn.opscore.v1.Agent\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\x10\n\x08revision\x18\x03 \x01(\x03\"\xb5\x01\n\x17UpdateAgentStateRequest\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12-\n\x05state\x18\x02 \x01(\x0e\x32\x1e.opspawn.opscore.v1.AgentState\x12(\n\x07\x64\x65tails\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12/\n\x0bobserved_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"$\n\x10HeartbeatRequest\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\"\xca\x01\n\x11HeartbeatResponse\x12-\n\x05state\x18\x01 \x01(\x0e\x32\x1e.opspawn.opscore.v1.AgentState\x12 \n\x18liveness_timeout_seconds\x18\x02 \x01(\x05\x12/\n\x0bserver_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x33\n\x10liveness_timeout\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\"\x8c\x01\n\x17WatchAgentStatesRequest\x12\x11\n\tagent_ids\x18\x01 \x03(\t\x12\x12\n\ncapability\x18\x02 \x01(\t\x12\x1b\n\x0esince_revision\x18\x03 \x01(\x03H\x00\x88\x01\x01\x12\x1a\n\x12send_initial_state\x18\x04 \x01(\x08\x42\x11\n\x0f_since_revision\"J\n\x18WatchAgentStatesResponse\x12.\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x1e.opspawn.opscore.v1.AgentEvent\"\xab\x01\n\nAgentEvent\x12\x10\n\x08revision\x18\x01 \x01(\x03\x12\x30\n\x04type\x18\x02 \x01(\x0e\x32\".opspawn.opscore.v1.AgentEventType\x12(\n\x05\x61gent\x18\x03 \x01(\x0b\x32\x19.opspawn.opscore.v1.Agent\x12/\n\x0boccurred_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp*\xbd\x01\n\nAgentState\x12\x1b\n\x17\x41GENT_STATE_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x41GENT_STATE_INITIALIZING\x10\x01\x12\x14\n\x10\x41GENT_STATE_IDLE\x10\x02\x12\x14\n\x10\x41GENT_STATE_BUSY\x10\x03\x12\x15\n\x11\x41GENT_STATE_ERROR\x10\x04\x12\x18\n\x14\x41GENT_STATE_DRAINING\x10\x05\x12\x17\n\x13\x41GENT_STATE_OFFLINE\x10\x06*\xf4\x01\n\x0e\x41gentEventType\x12 \n\x1c\x41GENT_EVENT_TYPE_UNSPECIFIED\x10\x00\x12\x1f\n\x1b\x41GENT_EVENT_TYPE_REGISTERED\x10\x01\x12\"\n\x1e\x41GENT_EVENT_TYPE_STATE_CHANGED\x10\x02\x12!\n\x1d\x41GENT_EVENT_TYPE_DEREGISTERED\x10\x03\x12\x1c\n\x18\x41GENT_EVENT_TYPE_OFFLINE\x10\x04\x12\x1d\n\x19\x41GENT_EVENT_TYPE_SNAPSHOT\x10\x05\x12\x1b\n\x17\x41GENT_EVENT_TYPE_SYNCED\x10\x06\x32\xee\x05\n\x10LifecycleService\x12T\n\rRegisterAgent\x12(.opspawn.opscore.v1.RegisterAgentRequest\x1a\x19.opspawn.opscore.v1.Agent\x12X\n\x0f\x44\x65registerAgent\x12*.opspawn.opscore.v1.DeregisterAgentRequest\x1a\x19.opspawn.opscore.v1.Agent\x12J\n\x08GetAgent\x12#.opspawn.opscore.v1.GetAgentRequest\x1a\x19.opspawn.opscore.v1.Agent\x12[\n\nListAgents\x12%.opspawn.opscore.v1.ListAgentsRequest\x1a&.opspawn.opscore.v1.ListAgentsResponse\x12Z\n\x10UpdateAgentState\x12+.opspawn.opscore.v1.UpdateAgentStateRequest\x1a\x19.opspawn.opscore.v1.Agent\x12X\n\tHeartbeat\x12$.opspawn.opscore.v1.HeartbeatRequest\x1a%.opspawn.opscore.v1.HeartbeatResponse\x12o\n\x10WatchAgentStates\x12+.opspawn.opscore.v1.WatchAgentStatesRequest\x1a,.opspawn.opscore.v1.WatchAgentStatesResponse0\x01\x12Z\n\x10RotateAgentToken\x12+.opspawn.opscore.v1.RotateAgentTokenRequest\x1a\x19.opspawn.opscore.v1.Agentb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,40 +38,40 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_AGENT_METADATAENTRY']._serialized_options = b'8\001'
   _globals['_REGISTERAGENTREQUEST_METADATAENTRY']._loaded_options = None
   _globals['_REGISTERAGENTREQUEST_METADATAENTRY']._serialized_options = b'8\001'
-  _globals['_AGENTSTATE']._serialized_start=2145
-  _globals['_AGENTSTATE']._serialized_end=2334
-  _globals['_AGENTEVENTTYPE']._serialized_start=2337
-  _globals['_AGENTEVENTTYPE']._serialized_end=2581
+  _globals['_AGENTSTATE']._serialized_start=2237
+  _globals['_AGENTSTATE']._serialized_end=2426
+  _globals['_AGENTEVENTTYPE']._serialized_start=2429
+  _globals['_AGENTEVENTTYPE']._serialized_end=2673
   _globals['_AGENT']._serialized_start=154
-  _globals['_AGENT']._serialized_end=715
-  _globals['_AGENT_METADATAENTRY']._serialized_start=668
-  _globals['_AGENT_METADATAENTRY']._serialized_end=715
-  _globals['_REGISTERAGENTREQUEST']._serialized_start=718
-  _globals['_REGISTERAGENTREQUEST']._serialized_end=960
-  _globals['_REGISTERAGENTREQUEST_METADATAENTRY']._serialized_start=668
-  _globals['_REGISTERAGENTREQUEST_METADATAENTRY']._serialized_end=715
-  _globals['_ROTATEAGENTTOKENREQUEST']._serialized_start=962
-  _globals['_ROTATEAGENTTOKENREQUEST']._serialized_end=1005
-  _globals['_DEREGISTERAGENTREQUEST']._serialized_start=1007
-  _globals['_DEREGISTERAGENTREQUEST']._serialized_end=1049
-  _globals['_GETAGENTREQUEST']._serialized_start=1051
-  _globals['_GETAGENTREQUEST']._serialized_end=1086
-  _globals['_LISTAGENTSREQUEST']._serialized_start=1088
-  _globals['_LISTAGENTSREQUEST']._serialized_end=1214
-  _globals['_LISTAGENTSRESPONSE']._serialized_start=1216
-  _globals['_LISTAGENTSRESPONSE']._serialized_end=1322
-  _globals['_UPDATEAGENTSTATEREQUEST']._serialized_start=1325
-  _globals['_UPDATEAGENTSTATEREQUEST']._serialized_end=1506
-  _globals['_HEARTBEATREQUEST']._serialized_start=1508
-  _globals['_HEARTBEATREQUEST']._serialized_end=1544
-  _globals['_HEARTBEATRESPONSE']._serialized_start=1547
-  _globals['_HEARTBEATRESPONSE']._serialized_end=1749
-  _globals['_WATCHAGENTSTATESREQUEST']._serialized_start=1752
-  _globals['_WATCHAGENTSTATESREQUEST']._serialized_end=1892
-  _globals['_WATCHAGENTSTATESRESPONSE']._serialized_start=1894
-  _globals['_WATCHAGENTSTATESRESPONSE']._serialized_end=1968
-  _globals['_AGENTEVENT']._serialized_start=1971
-  _globals['_AGENTEVENT']._serialized_end=2142
-  _globals['_LIFECYCLESERVICE']._serialized_start=2584
-  _globals['_LIFECYCLESERVICE']._serialized_end=3334
+  _globals['_AGENT']._serialized_end=807
+  _globals['_AGENT_METADATAENTRY']._serialized_start=760
+  _globals['_AGENT_METADATAENTRY']._serialized_end=807
+  _globals['_REGISTERAGENTREQUEST']._serialized_start=810
+  _globals['_REGISTERAGENTREQUEST']._serialized_end=1052
+  _globals['_REGISTERAGENTREQUEST_METADATAENTRY']._serialized_start=760
+  _globals['_REGISTERAGENTREQUEST_METADATAENTRY']._serialized_end=807
+  _globals['_ROTATEAGENTTOKENREQUEST']._serialized_start=1054
+  _globals['_ROTATEAGENTTOKENREQUEST']._serialized_end=1097
+  _globals['_DEREGISTERAGENTREQUEST']._serialized_start=1099
+  _globals['_DEREGISTERAGENTREQUEST']._serialized_end=1141
+  _globals['_GETAGENTREQUEST']._serialized_start=1143
+  _globals['_GETAGENTREQUEST']._serialized_end=1178
+  _globals['_LISTAGENTSREQUEST']._serialized_start=1180
+  _globals['_LISTAGENTSREQUEST']._serialized_end=1306
+  _globals['_LISTAGENTSRESPONSE']._serialized_start=1308
+  _globals['_LISTAGENTSRESPONSE']._serialized_end=1414
+  _globals['_UPDATEAGENTSTATEREQUEST']._serialized_start=1417
+  _globals['_UPDATEAGENTSTATEREQUEST']._serialized_end=1598
+  _globals['_HEARTBEATREQUEST']._serialized_start=1600
+  _globals['_HEARTBEATREQUEST']._serialized_end=1636
+  _globals['_HEARTBEATRESPONSE']._serialized_start=1639
+  _globals['_HEARTBEATRESPONSE']._serialized_end=1841
+  _globals['_WATCHAGENTSTATESREQUEST']._serialized_start=1844
+  _globals['_WATCHAGENTSTATESREQUEST']._serialized_end=1984
+  _globals['_WATCHAGENTSTATESRESPONSE']._serialized_start=1986
+  _globals['_WATCHAGENTSTATESRESPONSE']._serialized_end=2060
+  _globals['_AGENTEVENT']._serialized_start=2063
+  _globals['_AGENTEVENT']._serialized_end=2234
+  _globals['_LIFECYCLESERVICE']._serialized_start=2676
+  _globals['_LIFECYCLESERVICE']._serialized_end=3426
 # @@protoc_insertion_point(module_scope)

@@ -26,39 +26,43 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n opspawn/opscore/v1/session.proto\x12\x12opspawn.opscore.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x81\x02\n\x0bSessionTask\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x18\n\x10\x61gent_capability\x18\x03 \x01(\t\x12.\n\x06status\x18\x04 \x01(\x0e\x32\x1e.opspawn.opscore.v1.TaskStatus\x12\x0f\n\x07\x61ttempt\x18\x05 \x01(\x05\x12\x10\n\x08\x61gent_id\x18\x06 \x01(\t\x12\'\n\x06output\x18\x07 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\r\n\x05\x65rror\x18\x08 \x01(\t\x12.\n\nupdated_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xc5\x03\n\x07Session\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x1e\n\x16workflow_definition_id\x18\x02 \x01(\t\x12#\n\x1bworkflow_definition_version\x18\x03 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x04 \x01(\t\x12\x31\n\x06status\x18\x05 \x01(\x0e\x32!.opspawn.opscore.v1.SessionStatus\x12&\n\x05input\x18\x06 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\'\n\x06output\x18\x07 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\r\n\x05\x65rror\x18\x08 \x01(\t\x12.\n\x05tasks\x18\t \x03(\x0b\x32\x1f.opspawn.opscore.v1.SessionTask\x12.\n\ncreated_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nded_at\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xf6\x01\n\x0cSessionEvent\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x03\x12\x32\n\x04type\x18\x03 \x01(\x0e\x32$.opspawn.opscore.v1.SessionEventType\x12\x0f\n\x07task_id\x18\x04 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x05 \x01(\x05\x12\x10\n\x08\x61gent_id\x18\x06 \x01(\t\x12\'\n\x06\x64\x65tail\x18\x07 \x01(\x0b\x32\x17.google.protobuf.Struct\x12/\n\x0boccurred_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\'\n\x11GetSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\xa3\x01\n\x13ListSessionsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x33\n\x08statuses\x18\x03 \x03(\x0e\x32!.opspawn.opscore.v1.SessionStatus\x12\x1e\n\x16workflow_definition_id\x18\x04 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x05 \x01(\t\"^\n\x14ListSessionsResponse\x12-\n\x08sessions\x18\x01 \x03(\x0b\x32\x1b.opspawn.opscore.v1.Session\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\":\n\x14\x43\x61ncelSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"U\n\x18ListSessionEventsRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"f\n\x19ListSessionEventsResponse\x12\x30\n\x06\x65vents\x18\x01 \x03(\x0b\x32 .opspawn.opscore.v1.SessionEvent\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"A\n\x13WatchSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x16\n\x0esince_sequence\x18\x02 \x01(\x03*\xbe\x01\n\rSessionStatus\x12\x1e\n\x1aSESSION_STATUS_UNSPECIFIED\x10\x00\x12\x1a\n\x16SESSION_STATUS_PENDING\x10\x01\x12\x1a\n\x16SESSION_STATUS_RUNNING\x10\x02\x12\x1c\n\x18SESSION_STATUS_COMPLETED\x10\x03\x12\x19\n\x15SESSION_STATUS_FAILED\x10\x04\x12\x1c\n\x18SESSION_STATUS_CANCELLED\x10\x05*\xe1\x01\n\nTaskStatus\x12\x1b\n\x17TASK_STATUS_UNSPECIFIED\x10\x00\x12\x17\n\x13TASK_STATUS_PENDING\x10\x01\x12\x1a\n\x16TASK_STATUS_DISPATCHED\x10\x02\x12\x17\n\x13TASK_STATUS_RUNNING\x10\x03\x12\x19\n\x15TASK_STATUS_COMPLETED\x10\x04\x12\x16\n\x12TASK_STATUS_FAILED\x10\x05\x12\x1a\n\x16TASK_STATUS_RETRY_WAIT\x10\x06\x12\x19\n\x15TASK_STATUS_CANCELLED\x10\x07*\x8e\x04\n\x10SessionEventType\x12\"\n\x1eSESSION_EVENT_TYPE_UNSPECIFIED\x10\x00\x12\x1e\n\x1aSESSION_EVENT_TYPE_CREATED\x10\x01\x12\"\n\x1eSESSION_EVENT_TYPE_TASK_QUEUED\x10\x02\x12&\n\"SESSION_EVENT_TYPE_TASK_DISPATCHED\x10\x03\x12%\n!SESSION_EVENT_TYPE_TASK_HEARTBEAT\x10\x04\x12%\n!SESSION_EVENT_TYPE_TASK_COMPLETED\x10\x05\x12\"\n\x1eSESSION_EVENT_TYPE_TASK_FAILED\x10\x06\x12+\n\'SESSION_EVENT_TYPE_TASK_RETRY_SCHEDULED\x10\x07\x12)\n%SESSION_EVENT_TYPE_TASK_LEASE_EXPIRED\x10\x08\x12%\n!SESSION_EVENT_TYPE_TASK_CANCELLED\x10\t\x12(\n$SESSION_EVENT_TYPE_SESSION_CANCELLED\x10\n\x12(\n$SESSION_EVENT_TYPE_SESSION_COMPLETED\x10\x0b\x12%\n!SESSION_EVENT_TYPE_SESSION_FAILED\x10\x0c\x32\xec\x03\n\x0eSessionService\x12P\n\nGetSession\x12%.opspawn.opscore.v1.GetSessionRequest\x1a\x1b.opspawn.opscore.v1.Session\x12\x61\n\x0cListSessions\x12\'.opspawn.opscore.v1.ListSessionsRequest\x1a(.opspawn.opscore.v1.ListSessionsResponse\x12V\n\rCancelSession\x12(.opspawn.opscore.v1.CancelSessionRequest\x1a\x1b.opspawn.opscore.v1.Session\x12p\n\x11ListSessionEvents\x12,.opspawn.opscore.v1.ListSessionEventsRequest\x1a-.opspawn.opscore.v1.ListSessionEventsResponse\x12[\n\x0cWatchSession\x12\'.opspawn.opscore.v1.WatchSessionRequest\x1a .opspawn.opscore.v1.SessionEvent0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n opspawn/opscore/v1/session.proto\x12\x12opspawn.opscore.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x99\x03\n\x0bSessionTask\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x18\n\x10\x61gent_capability\x18\x03 \x01(\t\x12.\n\x06status\x18\x04 \x01(\x0e\x32\x1e.opspawn.opscore.v1.TaskStatus\x12\x0f\n\x07\x61ttempt\x18\x05 \x01(\x05\x12\x10\n\x08\x61gent_id\x18\x06 \x01(\t\x12\'\n\x06output\x18\x07 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\r\n\x05\x65rror\x18\x08 \x01(\t\x12.\n\nupdated_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x39\n\x0ewaiting_reason\x18\n \x01(\x0e\x32!.opspawn.opscore.v1.WaitingReason\x12\x17\n\x0fwaiting_message\x18\x0b \x01(\t\x12,\n\x08ready_at\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0cmax_attempts\x18\r \x01(\x05\"\xc5\x03\n\x07Session\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x1e\n\x16workflow_definition_id\x18\x02 \x01(\t\x12#\n\x1bworkflow_definition_version\x18\x03 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x04 \x01(\t\x12\x31\n\x06status\x18\x05 \x01(\x0e\x32!.opspawn.opscore.v1.SessionStatus\x12&\n\x05input\x18\x06 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\'\n\x06output\x18\x07 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\r\n\x05\x65rror\x18\x08 \x01(\t\x12.\n\x05tasks\x18\t \x03(\x0b\x32\x1f.opspawn.opscore.v1.SessionTask\x12.\n\ncreated_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nded_at\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xad\x02\n\x0cSessionEvent\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x03\x12\x32\n\x04type\x18\x03 \x01(\x0e\x32$.opspawn.opscore.v1.SessionEventType\x12\x0f\n\x07task_id\x18\x04 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x05 \x01(\x05\x12\x10\n\x08\x61gent_id\x18\x06 \x01(\t\x12\'\n\x06\x64\x65tail\x18\x07 \x01(\x0b\x32\x17.google.protobuf.Struct\x12/\n\x0boccurred_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x35\n\x0ctimeout_type\x18\t \x01(\x0e\x32\x1f.opspawn.opscore.v1.TimeoutType\"\'\n\x11GetSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\xa3\x01\n\x13ListSessionsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x33\n\x08statuses\x18\x03 \x03(\x0e\x32!.opspawn.opscore.v1.SessionStatus\x12\x1e\n\x16workflow_definition_id\x18\x04 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x05 \x01(\t\"^\n\x14ListSessionsResponse\x12-\n\x08sessions\x18\x01 \x03(\x0b\x32\x1b.opspawn.opscore.v1.Session\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\":\n\x14\x43\x61ncelSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"U\n\x18ListSessionEventsRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"f\n\x19ListSessionEventsResponse\x12\x30\n\x06\x65vents\x18\x01 \x03(\x0b\x32 .opspawn.opscore.v1.SessionEvent\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"A\n\x13WatchSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x16\n\x0esince_sequence\x18\x02 \x01(\x03*\xbe\x01\n\rSessionStatus\x12\x1e\n\x1aSESSION_STATUS_UNSPECIFIED\x10\x00\x12\x1a\n\x16SESSION_STATUS_PENDING\x10\x01\x12\x1a\n\x16SESSION_STATUS_RUNNING\x10\x02\x12\x1c\n\x18SESSION_STATUS_COMPLETED\x10\x03\x12\x19\n\x15SESSION_STATUS_FAILED\x10\x04\x12\x1c\n\x18SESSION_STATUS_CANCELLED\x10\x05*\xe1\x01\n\nTaskStatus\x12\x1b\n\x17TASK_STATUS_UNSPECIFIED\x10\x00\x12\x17\n\x13TASK_STATUS_PENDING\x10\x01\x12\x1a\n\x16TASK_STATUS_DISPATCHED\x10\x02\x12\x17\n\x13TASK_STATUS_RUNNING\x10\x03\x12\x19\n\x15TASK_STATUS_COMPLETED\x10\x04\x12\x16\n\x12TASK_STATUS_FAILED\x10\x05\x12\x1a\n\x16TASK_STATUS_RETRY_WAIT\x10\x06\x12\x19\n\x15TASK_STATUS_CANCELLED\x10\x07*\xd1\x01\n\rWaitingReason\x12\x1e\n\x1aWAITING_REASON_UNSPECIFIED\x10\x00\x12\x1f\n\x1bWAITING_REASON_DEPENDENCIES\x10\x01\x12#\n\x1fWAITING_REASON_NO_CAPABLE_AGENT\x10\x02\x12\x1e\n\x1aWAITING_REASON_AGENTS_BUSY\x10\x03\x12\x1a\n\x16WAITING_REASON_BACKOFF\x10\x04\x12\x1e\n\x1aWAITING_REASON_DISPATCHING\x10\x05*\x8c\x01\n\x0bTimeoutType\x12\x1c\n\x18TIMEOUT_TYPE_UNSPECIFIED\x10\x00\x12\x1f\n\x1bTIMEOUT_TYPE_START_TO_CLOSE\x10\x01\x12\x1a\n\x16TIMEOUT_TYPE_HEARTBEAT\x10\x02\x12\"\n\x1eTIMEOUT_TYPE_SCHEDULE_TO_START\x10\x03*\xe1\x04\n\x10SessionEventType\x12\"\n\x1eSESSION_EVENT_TYPE_UNSPECIFIED\x10\x00\x12\x1e\n\x1aSESSION_EVENT_TYPE_CREATED\x10\x01\x12\"\n\x1eSESSION_EVENT_TYPE_TASK_QUEUED\x10\x02\x12&\n\"SESSION_EVENT_TYPE_TASK_DISPATCHED\x10\x03\x12%\n!SESSION_EVENT_TYPE_TASK_HEARTBEAT\x10\x04\x12%\n!SESSION_EVENT_TYPE_TASK_COMPLETED\x10\x05\x12\"\n\x1eSESSION_EVENT_TYPE_TASK_FAILED\x10\x06\x12+\n\'SESSION_EVENT_TYPE_TASK_RETRY_SCHEDULED\x10\x07\x12)\n%SESSION_EVENT_TYPE_TASK_LEASE_EXPIRED\x10\x08\x12%\n!SESSION_EVENT_TYPE_TASK_CANCELLED\x10\t\x12(\n$SESSION_EVENT_TYPE_SESSION_CANCELLED\x10\n\x12(\n$SESSION_EVENT_TYPE_SESSION_COMPLETED\x10\x0b\x12%\n!SESSION_EVENT_TYPE_SESSION_FAILED\x10\x0c\x12%\n!SESSION_EVENT_TYPE_TASK_TIMED_OUT\x10\r\x12*\n&SESSION_EVENT_TYPE_TASK_ANSWER_REFUSED\x10\x0e\x32\xec\x03\n\x0eSessionService\x12P\n\nGetSession\x12%.opspawn.opscore.v1.GetSessionRequest\x1a\x1b.opspawn.opscore.v1.Session\x12\x61\n\x0cListSessions\x12\'.opspawn.opscore.v1.ListSessionsRequest\x1a(.opspawn.opscore.v1.ListSessionsResponse\x12V\n\rCancelSession\x12(.opspawn.opscore.v1.CancelSessionRequest\x1a\x1b.opspawn.opscore.v1.Session\x12p\n\x11ListSessionEvents\x12,.opspawn.opscore.v1.ListSessionEventsRequest\x1a-.opspawn.opscore.v1.ListSessionEventsResponse\x12[\n\x0cWatchSession\x12\'.opspawn.opscore.v1.WatchSessionRequest\x1a .opspawn.opscore.v1.SessionEvent0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'opspawn.opscore.v1.session_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SESSIONSTATUS']._serialized_start=1706
-  _globals['_SESSIONSTATUS']._serialized_end=1896
-  _globals['_TASKSTATUS']._serialized_start=1899
-  _globals['_TASKSTATUS']._serialized_end=2124
-  _globals['_SESSIONEVENTTYPE']._serialized_start=2127
-  _globals['_SESSIONEVENTTYPE']._serialized_end=2653
+  _globals['_SESSIONSTATUS']._serialized_start=1913
+  _globals['_SESSIONSTATUS']._serialized_end=2103
+  _globals['_TASKSTATUS']._serialized_start=2106
+  _globals['_TASKSTATUS']._serialized_end=2331
+  _globals['_WAITINGREASON']._serialized_start=2334
+  _globals['_WAITINGREASON']._serialized_end=2543
+  _globals['_TIMEOUTTYPE']._serialized_start=2546
+  _globals['_TIMEOUTTYPE']._serialized_end=2686
+  _globals['_SESSIONEVENTTYPE']._serialized_start=2689
+  _globals['_SESSIONEVENTTYPE']._serialized_end=3298
   _globals['_SESSIONTASK']._serialized_start=120
-  _globals['_SESSIONTASK']._serialized_end=377
-  _globals['_SESSION']._serialized_start=380
-  _globals['_SESSION']._serialized_end=833
-  _globals['_SESSIONEVENT']._serialized_start=836
-  _globals['_SESSIONEVENT']._serialized_end=1082
-  _globals['_GETSESSIONREQUEST']._serialized_start=1084
-  _globals['_GETSESSIONREQUEST']._serialized_end=1123
-  _globals['_LISTSESSIONSREQUEST']._serialized_start=1126
-  _globals['_LISTSESSIONSREQUEST']._serialized_end=1289
-  _globals['_LISTSESSIONSRESPONSE']._serialized_start=1291
-  _globals['_LISTSESSIONSRESPONSE']._serialized_end=1385
-  _globals['_CANCELSESSIONREQUEST']._serialized_start=1387
-  _globals['_CANCELSESSIONREQUEST']._serialized_end=1445
-  _globals['_LISTSESSIONEVENTSREQUEST']._serialized_start=1447
-  _globals['_LISTSESSIONEVENTSREQUEST']._serialized_end=1532
-  _globals['_LISTSESSIONEVENTSRESPONSE']._serialized_start=1534
-  _globals['_LISTSESSIONEVENTSRESPONSE']._serialized_end=1636
-  _globals['_WATCHSESSIONREQUEST']._serialized_start=1638
-  _globals['_WATCHSESSIONREQUEST']._serialized_end=1703
-  _globals['_SESSIONSERVICE']._serialized_start=2656
-  _globals['_SESSIONSERVICE']._serialized_end=3148
+  _globals['_SESSIONTASK']._serialized_end=529
+  _globals['_SESSION']._serialized_start=532
+  _globals['_SESSION']._serialized_end=985
+  _globals['_SESSIONEVENT']._serialized_start=988
+  _globals['_SESSIONEVENT']._serialized_end=1289
+  _globals['_GETSESSIONREQUEST']._serialized_start=1291
+  _globals['_GETSESSIONREQUEST']._serialized_end=1330
+  _globals['_LISTSESSIONSREQUEST']._serialized_start=1333
+  _globals['_LISTSESSIONSREQUEST']._serialized_end=1496
+  _globals['_LISTSESSIONSRESPONSE']._serialized_start=1498
+  _globals['_LISTSESSIONSRESPONSE']._serialized_end=1592
+  _globals['_CANCELSESSIONREQUEST']._serialized_start=1594
+  _globals['_CANCELSESSIONREQUEST']._serialized_end=1652
+  _globals['_LISTSESSIONEVENTSREQUEST']._serialized_start=1654
+  _globals['_LISTSESSIONEVENTSREQUEST']._serialized_end=1739
+  _globals['_LISTSESSIONEVENTSRESPONSE']._serialized_start=1741
+  _globals['_LISTSESSIONEVENTSRESPONSE']._serialized_end=1843
+  _globals['_WATCHSESSIONREQUEST']._serialized_start=1845
+  _globals['_WATCHSESSIONREQUEST']._serialized_end=1910
+  _globals['_SESSIONSERVICE']._serialized_start=3301
+  _globals['_SESSIONSERVICE']._serialized_end=3793
 # @@protoc_insertion_point(module_scope)

@@ -81,6 +81,64 @@ TASK_STATUS_RETRY_WAIT: TaskStatus.ValueType  # 6
 TASK_STATUS_CANCELLED: TaskStatus.ValueType  # 7
 Global___TaskStatus: _TypeAlias = TaskStatus  # noqa: Y015
 
+class _WaitingReason:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _WaitingReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_WaitingReason.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    WAITING_REASON_UNSPECIFIED: _WaitingReason.ValueType  # 0
+    WAITING_REASON_DEPENDENCIES: _WaitingReason.ValueType  # 1
+    """Tasks it depends on have not completed yet."""
+    WAITING_REASON_NO_CAPABLE_AGENT: _WaitingReason.ValueType  # 2
+    """No agent with the capability (or the session's pinned agent) has an open
+    task stream and a state that takes work.
+    """
+    WAITING_REASON_AGENTS_BUSY: _WaitingReason.ValueType  # 3
+    """Capable agents are connected, but every one is busy or has no free slot."""
+    WAITING_REASON_BACKOFF: _WaitingReason.ValueType  # 4
+    """Waiting out the retry backoff until ready_at."""
+    WAITING_REASON_DISPATCHING: _WaitingReason.ValueType  # 5
+    """A capable agent has a free slot: it is being dispatched."""
+
+class WaitingReason(_WaitingReason, metaclass=_WaitingReasonEnumTypeWrapper):
+    """Why a task waits."""
+
+WAITING_REASON_UNSPECIFIED: WaitingReason.ValueType  # 0
+WAITING_REASON_DEPENDENCIES: WaitingReason.ValueType  # 1
+"""Tasks it depends on have not completed yet."""
+WAITING_REASON_NO_CAPABLE_AGENT: WaitingReason.ValueType  # 2
+"""No agent with the capability (or the session's pinned agent) has an open
+task stream and a state that takes work.
+"""
+WAITING_REASON_AGENTS_BUSY: WaitingReason.ValueType  # 3
+"""Capable agents are connected, but every one is busy or has no free slot."""
+WAITING_REASON_BACKOFF: WaitingReason.ValueType  # 4
+"""Waiting out the retry backoff until ready_at."""
+WAITING_REASON_DISPATCHING: WaitingReason.ValueType  # 5
+"""A capable agent has a free slot: it is being dispatched."""
+Global___WaitingReason: _TypeAlias = WaitingReason  # noqa: Y015
+
+class _TimeoutType:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _TimeoutTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_TimeoutType.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    TIMEOUT_TYPE_UNSPECIFIED: _TimeoutType.ValueType  # 0
+    TIMEOUT_TYPE_START_TO_CLOSE: _TimeoutType.ValueType  # 1
+    TIMEOUT_TYPE_HEARTBEAT: _TimeoutType.ValueType  # 2
+    TIMEOUT_TYPE_SCHEDULE_TO_START: _TimeoutType.ValueType  # 3
+
+class TimeoutType(_TimeoutType, metaclass=_TimeoutTypeEnumTypeWrapper):
+    """Which time limit of a task ran out."""
+
+TIMEOUT_TYPE_UNSPECIFIED: TimeoutType.ValueType  # 0
+TIMEOUT_TYPE_START_TO_CLOSE: TimeoutType.ValueType  # 1
+TIMEOUT_TYPE_HEARTBEAT: TimeoutType.ValueType  # 2
+TIMEOUT_TYPE_SCHEDULE_TO_START: TimeoutType.ValueType  # 3
+Global___TimeoutType: _TypeAlias = TimeoutType  # noqa: Y015
+
 class _SessionEventType:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -96,10 +154,17 @@ class _SessionEventTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Sess
     SESSION_EVENT_TYPE_TASK_FAILED: _SessionEventType.ValueType  # 6
     SESSION_EVENT_TYPE_TASK_RETRY_SCHEDULED: _SessionEventType.ValueType  # 7
     SESSION_EVENT_TYPE_TASK_LEASE_EXPIRED: _SessionEventType.ValueType  # 8
+    """Histories written before TASK_TIMED_OUT existed; no longer recorded."""
     SESSION_EVENT_TYPE_TASK_CANCELLED: _SessionEventType.ValueType  # 9
     SESSION_EVENT_TYPE_SESSION_CANCELLED: _SessionEventType.ValueType  # 10
     SESSION_EVENT_TYPE_SESSION_COMPLETED: _SessionEventType.ValueType  # 11
     SESSION_EVENT_TYPE_SESSION_FAILED: _SessionEventType.ValueType  # 12
+    SESSION_EVENT_TYPE_TASK_TIMED_OUT: _SessionEventType.ValueType  # 13
+    """An attempt ran out of a time limit (timeout_type says which)."""
+    SESSION_EVENT_TYPE_TASK_ANSWER_REFUSED: _SessionEventType.ValueType  # 14
+    """An answer for an attempt that was superseded or had already ended was
+    refused with FAILED_PRECONDITION (detail: what was answered, and why).
+    """
 
 class SessionEventType(_SessionEventType, metaclass=_SessionEventTypeEnumTypeWrapper):
     """What happened in a run."""
@@ -113,10 +178,17 @@ SESSION_EVENT_TYPE_TASK_COMPLETED: SessionEventType.ValueType  # 5
 SESSION_EVENT_TYPE_TASK_FAILED: SessionEventType.ValueType  # 6
 SESSION_EVENT_TYPE_TASK_RETRY_SCHEDULED: SessionEventType.ValueType  # 7
 SESSION_EVENT_TYPE_TASK_LEASE_EXPIRED: SessionEventType.ValueType  # 8
+"""Histories written before TASK_TIMED_OUT existed; no longer recorded."""
 SESSION_EVENT_TYPE_TASK_CANCELLED: SessionEventType.ValueType  # 9
 SESSION_EVENT_TYPE_SESSION_CANCELLED: SessionEventType.ValueType  # 10
 SESSION_EVENT_TYPE_SESSION_COMPLETED: SessionEventType.ValueType  # 11
 SESSION_EVENT_TYPE_SESSION_FAILED: SessionEventType.ValueType  # 12
+SESSION_EVENT_TYPE_TASK_TIMED_OUT: SessionEventType.ValueType  # 13
+"""An attempt ran out of a time limit (timeout_type says which)."""
+SESSION_EVENT_TYPE_TASK_ANSWER_REFUSED: SessionEventType.ValueType  # 14
+"""An answer for an attempt that was superseded or had already ended was
+refused with FAILED_PRECONDITION (detail: what was answered, and why).
+"""
 Global___SessionEventType: _TypeAlias = SessionEventType  # noqa: Y015
 
 @_typing.final
@@ -134,6 +206,10 @@ class SessionTask(_message.Message):
     OUTPUT_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
     UPDATED_AT_FIELD_NUMBER: _builtins.int
+    WAITING_REASON_FIELD_NUMBER: _builtins.int
+    WAITING_MESSAGE_FIELD_NUMBER: _builtins.int
+    READY_AT_FIELD_NUMBER: _builtins.int
+    MAX_ATTEMPTS_FIELD_NUMBER: _builtins.int
     task_id: _builtins.str
     name: _builtins.str
     agent_capability: _builtins.str
@@ -143,10 +219,22 @@ class SessionTask(_message.Message):
     agent_id: _builtins.str
     """The agent of the current or last attempt."""
     error: _builtins.str
+    waiting_reason: Global___WaitingReason.ValueType
+    """Why a PENDING or RETRY_WAIT task has not been dispatched yet, as the server
+    sees it now (UNSPECIFIED for other statuses).
+    """
+    waiting_message: _builtins.str
+    """The same for a reader, e.g. "no connected agent has capability 'ocr'"."""
+    max_attempts: _builtins.int
+    """Attempts the retry policy allows in all."""
     @_builtins.property
     def output(self) -> _struct_pb2.Struct: ...
     @_builtins.property
     def updated_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def ready_at(self) -> _timestamp_pb2.Timestamp:
+        """When the task became ready, or becomes ready after its retry backoff."""
+
     def __init__(
         self,
         *,
@@ -159,10 +247,14 @@ class SessionTask(_message.Message):
         output: _struct_pb2.Struct | None = ...,
         error: _builtins.str = ...,
         updated_at: _timestamp_pb2.Timestamp | None = ...,
+        waiting_reason: Global___WaitingReason.ValueType = ...,
+        waiting_message: _builtins.str = ...,
+        ready_at: _timestamp_pb2.Timestamp | None = ...,
+        max_attempts: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["output", b"output", "updated_at", b"updated_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["output", b"output", "ready_at", b"ready_at", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_capability", b"agent_capability", "agent_id", b"agent_id", "attempt", b"attempt", "error", b"error", "name", b"name", "output", b"output", "status", b"status", "task_id", b"task_id", "updated_at", b"updated_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_capability", b"agent_capability", "agent_id", b"agent_id", "attempt", b"attempt", "error", b"error", "max_attempts", b"max_attempts", "name", b"name", "output", b"output", "ready_at", b"ready_at", "status", b"status", "task_id", b"task_id", "updated_at", b"updated_at", "waiting_message", b"waiting_message", "waiting_reason", b"waiting_reason"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -245,6 +337,7 @@ class SessionEvent(_message.Message):
     AGENT_ID_FIELD_NUMBER: _builtins.int
     DETAIL_FIELD_NUMBER: _builtins.int
     OCCURRED_AT_FIELD_NUMBER: _builtins.int
+    TIMEOUT_TYPE_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     sequence: _builtins.int
     """Per session, starting at 1, gap-free."""
@@ -252,6 +345,8 @@ class SessionEvent(_message.Message):
     task_id: _builtins.str
     attempt: _builtins.int
     agent_id: _builtins.str
+    timeout_type: Global___TimeoutType.ValueType
+    """For TASK_TIMED_OUT: which time limit ran out."""
     @_builtins.property
     def detail(self) -> _struct_pb2.Struct:
         """Free-form facts of the event (error, retry delay, ...)."""
@@ -269,10 +364,11 @@ class SessionEvent(_message.Message):
         agent_id: _builtins.str = ...,
         detail: _struct_pb2.Struct | None = ...,
         occurred_at: _timestamp_pb2.Timestamp | None = ...,
+        timeout_type: Global___TimeoutType.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["detail", b"detail", "occurred_at", b"occurred_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "attempt", b"attempt", "detail", b"detail", "occurred_at", b"occurred_at", "sequence", b"sequence", "session_id", b"session_id", "task_id", b"task_id", "type", b"type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "attempt", b"attempt", "detail", b"detail", "occurred_at", b"occurred_at", "sequence", b"sequence", "session_id", b"session_id", "task_id", b"task_id", "timeout_type", b"timeout_type", "type", b"type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

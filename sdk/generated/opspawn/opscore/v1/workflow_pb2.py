@@ -28,7 +28,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from opspawn.opscore.v1 import session_pb2 as opspawn_dot_opscore_dot_v1_dot_session__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!opspawn/opscore/v1/workflow.proto\x12\x12opspawn.opscore.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a opspawn/opscore/v1/session.proto\"\xaa\x01\n\x0bRetryPolicy\x12\x14\n\x0cmax_attempts\x18\x01 \x01(\x05\x12\x33\n\x10initial_interval\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x1b\n\x13\x62\x61\x63koff_coefficient\x18\x03 \x01(\x01\x12\x33\n\x10maximum_interval\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\"\x83\x02\n\x0eTaskDefinition\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x18\n\x10\x61gent_capability\x18\x03 \x01(\t\x12+\n\nparameters\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x14\n\x0cnext_task_id\x18\x05 \x01(\t\x12\x12\n\ndepends_on\x18\x06 \x03(\t\x12\x35\n\x0cretry_policy\x18\x07 \x01(\x0b\x32\x1f.opspawn.opscore.v1.RetryPolicy\x12*\n\x07timeout\x18\x08 \x01(\x0b\x32\x19.google.protobuf.Duration\"\xb7\x01\n\x12WorkflowDefinition\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\x0f\n\x07version\x18\x04 \x01(\t\x12\x31\n\x05tasks\x18\x05 \x03(\x0b\x32\".opspawn.opscore.v1.TaskDefinition\x12.\n\ncreated_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"]\n\x1f\x43reateWorkflowDefinitionRequest\x12:\n\ndefinition\x18\x01 \x01(\x0b\x32&.opspawn.opscore.v1.WorkflowDefinition\";\n\x1cGetWorkflowDefinitionRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"G\n\x1eListWorkflowDefinitionsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"w\n\x1fListWorkflowDefinitionsResponse\x12;\n\x0b\x64\x65\x66initions\x18\x01 \x03(\x0b\x32&.opspawn.opscore.v1.WorkflowDefinition\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\">\n\x1f\x44\x65leteWorkflowDefinitionRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"\"\n DeleteWorkflowDefinitionResponse\"\xfe\x01\n\x14StartWorkflowRequest\x12 \n\x16workflow_definition_id\x18\x01 \x01(\tH\x00\x12<\n\ndefinition\x18\x02 \x01(\x0b\x32&.opspawn.opscore.v1.WorkflowDefinitionH\x00\x12#\n\x1bworkflow_definition_version\x18\x03 \x01(\t\x12&\n\x05input\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x10\n\x08\x61gent_id\x18\x05 \x01(\t\x12\x12\n\nrequest_id\x18\x06 \x01(\tB\x13\n\x11\x64\x65\x66inition_source\"=\n\x12StreamTasksRequest\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x15\n\rmax_in_flight\x18\x02 \x01(\x05\"\x99\x02\n\x0eTaskAssignment\x12\x12\n\ntask_token\x18\x01 \x01(\t\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12\x12\n\nsession_id\x18\x03 \x01(\t\x12\x13\n\x0bworkflow_id\x18\x04 \x01(\t\x12\x0c\n\x04name\x18\x05 \x01(\t\x12\x18\n\x10\x61gent_capability\x18\x06 \x01(\t\x12(\n\x07payload\x18\x07 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x0f\n\x07\x61ttempt\x18\x08 \x01(\x05\x12,\n\x08\x64\x65\x61\x64line\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12(\n\x05lease\x18\n \x01(\x0b\x32\x19.google.protobuf.Duration\"R\n\x13\x43ompleteTaskRequest\x12\x12\n\ntask_token\x18\x01 \x01(\t\x12\'\n\x06output\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\"\x16\n\x14\x43ompleteTaskResponse\"O\n\x0f\x46\x61ilTaskRequest\x12\x12\n\ntask_token\x18\x01 \x01(\t\x12\x15\n\rerror_message\x18\x02 \x01(\t\x12\x11\n\tretryable\x18\x03 \x01(\x08\"\x12\n\x10\x46\x61ilTaskResponse\"*\n\x14HeartbeatTaskRequest\x12\x12\n\ntask_token\x18\x01 \x01(\t\"_\n\x15HeartbeatTaskResponse\x12\x18\n\x10\x63\x61ncel_requested\x18\x01 \x01(\x08\x12,\n\x08\x64\x65\x61\x64line\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp2\xdf\x07\n\x0fWorkflowService\x12w\n\x18\x43reateWorkflowDefinition\x12\x33.opspawn.opscore.v1.CreateWorkflowDefinitionRequest\x1a&.opspawn.opscore.v1.WorkflowDefinition\x12q\n\x15GetWorkflowDefinition\x12\x30.opspawn.opscore.v1.GetWorkflowDefinitionRequest\x1a&.opspawn.opscore.v1.WorkflowDefinition\x12\x82\x01\n\x17ListWorkflowDefinitions\x12\x32.opspawn.opscore.v1.ListWorkflowDefinitionsRequest\x1a\x33.opspawn.opscore.v1.ListWorkflowDefinitionsResponse\x12\x85\x01\n\x18\x44\x65leteWorkflowDefinition\x12\x33.opspawn.opscore.v1.DeleteWorkflowDefinitionRequest\x1a\x34.opspawn.opscore.v1.DeleteWorkflowDefinitionResponse\x12V\n\rStartWorkflow\x12(.opspawn.opscore.v1.StartWorkflowRequest\x1a\x1b.opspawn.opscore.v1.Session\x12[\n\x0bStreamTasks\x12&.opspawn.opscore.v1.StreamTasksRequest\x1a\".opspawn.opscore.v1.TaskAssignment0\x01\x12\x61\n\x0c\x43ompleteTask\x12\'.opspawn.opscore.v1.CompleteTaskRequest\x1a(.opspawn.opscore.v1.CompleteTaskResponse\x12U\n\x08\x46\x61ilTask\x12#.opspawn.opscore.v1.FailTaskRequest\x1a$.opspawn.opscore.v1.FailTaskResponse\x12\x64\n\rHeartbeatTask\x12(.opspawn.opscore.v1.HeartbeatTaskRequest\x1a).opspawn.opscore.v1.HeartbeatTaskResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!opspawn/opscore/v1/workflow.proto\x12\x12opspawn.opscore.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a opspawn/opscore/v1/session.proto\"\xaa\x01\n\x0bRetryPolicy\x12\x14\n\x0cmax_attempts\x18\x01 \x01(\x05\x12\x33\n\x10initial_interval\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x1b\n\x13\x62\x61\x63koff_coefficient\x18\x03 \x01(\x01\x12\x33\n\x10maximum_interval\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\"\xb7\x02\n\x0eTaskDefinition\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x18\n\x10\x61gent_capability\x18\x03 \x01(\t\x12+\n\nparameters\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x14\n\x0cnext_task_id\x18\x05 \x01(\t\x12\x12\n\ndepends_on\x18\x06 \x03(\t\x12\x35\n\x0cretry_policy\x18\x07 \x01(\x0b\x32\x1f.opspawn.opscore.v1.RetryPolicy\x12*\n\x07timeout\x18\x08 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x32\n\x08timeouts\x18\t \x01(\x0b\x32 .opspawn.opscore.v1.TaskTimeouts\"\xa5\x01\n\x0cTaskTimeouts\x12\x31\n\x0estart_to_close\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\x12,\n\theartbeat\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x34\n\x11schedule_to_start\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\"\xf0\x01\n\x12WorkflowDefinition\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\x0f\n\x07version\x18\x04 \x01(\t\x12\x31\n\x05tasks\x18\x05 \x03(\x0b\x32\".opspawn.opscore.v1.TaskDefinition\x12.\n\ncreated_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x37\n\rtask_timeouts\x18\x07 \x01(\x0b\x32 .opspawn.opscore.v1.TaskTimeouts\"]\n\x1f\x43reateWorkflowDefinitionRequest\x12:\n\ndefinition\x18\x01 \x01(\x0b\x32&.opspawn.opscore.v1.WorkflowDefinition\";\n\x1cGetWorkflowDefinitionRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"G\n\x1eListWorkflowDefinitionsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"w\n\x1fListWorkflowDefinitionsResponse\x12;\n\x0b\x64\x65\x66initions\x18\x01 \x03(\x0b\x32&.opspawn.opscore.v1.WorkflowDefinition\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\">\n\x1f\x44\x65leteWorkflowDefinitionRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"\"\n DeleteWorkflowDefinitionResponse\"\xfe\x01\n\x14StartWorkflowRequest\x12 \n\x16workflow_definition_id\x18\x01 \x01(\tH\x00\x12<\n\ndefinition\x18\x02 \x01(\x0b\x32&.opspawn.opscore.v1.WorkflowDefinitionH\x00\x12#\n\x1bworkflow_definition_version\x18\x03 \x01(\t\x12&\n\x05input\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x10\n\x08\x61gent_id\x18\x05 \x01(\t\x12\x12\n\nrequest_id\x18\x06 \x01(\tB\x13\n\x11\x64\x65\x66inition_source\"=\n\x12StreamTasksRequest\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x15\n\rmax_in_flight\x18\x02 \x01(\x05\"\x98\x03\n\x0eTaskAssignment\x12\x12\n\ntask_token\x18\x01 \x01(\t\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12\x12\n\nsession_id\x18\x03 \x01(\t\x12\x13\n\x0bworkflow_id\x18\x04 \x01(\t\x12\x0c\n\x04name\x18\x05 \x01(\t\x12\x18\n\x10\x61gent_capability\x18\x06 \x01(\t\x12(\n\x07payload\x18\x07 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x0f\n\x07\x61ttempt\x18\x08 \x01(\x05\x12,\n\x08\x64\x65\x61\x64line\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12(\n\x05lease\x18\n \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x34\n\x10\x61ttempt_deadline\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x31\n\x0estart_to_close\x18\x0c \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x14\n\x0cmax_attempts\x18\r \x01(\x05\"R\n\x13\x43ompleteTaskRequest\x12\x12\n\ntask_token\x18\x01 \x01(\t\x12\'\n\x06output\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\"\x16\n\x14\x43ompleteTaskResponse\"O\n\x0f\x46\x61ilTaskRequest\x12\x12\n\ntask_token\x18\x01 \x01(\t\x12\x15\n\rerror_message\x18\x02 \x01(\t\x12\x11\n\tretryable\x18\x03 \x01(\x08\"\x12\n\x10\x46\x61ilTaskResponse\"*\n\x14HeartbeatTaskRequest\x12\x12\n\ntask_token\x18\x01 \x01(\t\"_\n\x15HeartbeatTaskResponse\x12\x18\n\x10\x63\x61ncel_requested\x18\x01 \x01(\x08\x12,\n\x08\x64\x65\x61\x64line\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp2\xdf\x07\n\x0fWorkflowService\x12w\n\x18\x43reateWorkflowDefinition\x12\x33.opspawn.opscore.v1.CreateWorkflowDefinitionRequest\x1a&.opspawn.opscore.v1.WorkflowDefinition\x12q\n\x15GetWorkflowDefinition\x12\x30.opspawn.opscore.v1.GetWorkflowDefinitionRequest\x1a&.opspawn.opscore.v1.WorkflowDefinition\x12\x82\x01\n\x17ListWorkflowDefinitions\x12\x32.opspawn.opscore.v1.ListWorkflowDefinitionsRequest\x1a\x33.opspawn.opscore.v1.ListWorkflowDefinitionsResponse\x12\x85\x01\n\x18\x44\x65leteWorkflowDefinition\x12\x33.opspawn.opscore.v1.DeleteWorkflowDefinitionRequest\x1a\x34.opspawn.opscore.v1.DeleteWorkflowDefinitionResponse\x12V\n\rStartWorkflow\x12(.opspawn.opscore.v1.StartWorkflowRequest\x1a\x1b.opspawn.opscore.v1.Session\x12[\n\x0bStreamTasks\x12&.opspawn.opscore.v1.StreamTasksRequest\x1a\".opspawn.opscore.v1.TaskAssignment0\x01\x12\x61\n\x0c\x43ompleteTask\x12\'.opspawn.opscore.v1.CompleteTaskRequest\x1a(.opspawn.opscore.v1.CompleteTaskResponse\x12U\n\x08\x46\x61ilTask\x12#.opspawn.opscore.v1.FailTaskRequest\x1a$.opspawn.opscore.v1.FailTaskResponse\x12\x64\n\rHeartbeatTask\x12(.opspawn.opscore.v1.HeartbeatTaskRequest\x1a).opspawn.opscore.v1.HeartbeatTaskResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,39 +38,41 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RETRYPOLICY']._serialized_start=187
   _globals['_RETRYPOLICY']._serialized_end=357
   _globals['_TASKDEFINITION']._serialized_start=360
-  _globals['_TASKDEFINITION']._serialized_end=619
-  _globals['_WORKFLOWDEFINITION']._serialized_start=622
-  _globals['_WORKFLOWDEFINITION']._serialized_end=805
-  _globals['_CREATEWORKFLOWDEFINITIONREQUEST']._serialized_start=807
-  _globals['_CREATEWORKFLOWDEFINITIONREQUEST']._serialized_end=900
-  _globals['_GETWORKFLOWDEFINITIONREQUEST']._serialized_start=902
-  _globals['_GETWORKFLOWDEFINITIONREQUEST']._serialized_end=961
-  _globals['_LISTWORKFLOWDEFINITIONSREQUEST']._serialized_start=963
-  _globals['_LISTWORKFLOWDEFINITIONSREQUEST']._serialized_end=1034
-  _globals['_LISTWORKFLOWDEFINITIONSRESPONSE']._serialized_start=1036
-  _globals['_LISTWORKFLOWDEFINITIONSRESPONSE']._serialized_end=1155
-  _globals['_DELETEWORKFLOWDEFINITIONREQUEST']._serialized_start=1157
-  _globals['_DELETEWORKFLOWDEFINITIONREQUEST']._serialized_end=1219
-  _globals['_DELETEWORKFLOWDEFINITIONRESPONSE']._serialized_start=1221
-  _globals['_DELETEWORKFLOWDEFINITIONRESPONSE']._serialized_end=1255
-  _globals['_STARTWORKFLOWREQUEST']._serialized_start=1258
-  _globals['_STARTWORKFLOWREQUEST']._serialized_end=1512
-  _globals['_STREAMTASKSREQUEST']._serialized_start=1514
-  _globals['_STREAMTASKSREQUEST']._serialized_end=1575
-  _globals['_TASKASSIGNMENT']._serialized_start=1578
-  _globals['_TASKASSIGNMENT']._serialized_end=1859
-  _globals['_COMPLETETASKREQUEST']._serialized_start=1861
-  _globals['_COMPLETETASKREQUEST']._serialized_end=1943
-  _globals['_COMPLETETASKRESPONSE']._serialized_start=1945
-  _globals['_COMPLETETASKRESPONSE']._serialized_end=1967
-  _globals['_FAILTASKREQUEST']._serialized_start=1969
-  _globals['_FAILTASKREQUEST']._serialized_end=2048
-  _globals['_FAILTASKRESPONSE']._serialized_start=2050
-  _globals['_FAILTASKRESPONSE']._serialized_end=2068
-  _globals['_HEARTBEATTASKREQUEST']._serialized_start=2070
-  _globals['_HEARTBEATTASKREQUEST']._serialized_end=2112
-  _globals['_HEARTBEATTASKRESPONSE']._serialized_start=2114
-  _globals['_HEARTBEATTASKRESPONSE']._serialized_end=2209
-  _globals['_WORKFLOWSERVICE']._serialized_start=2212
-  _globals['_WORKFLOWSERVICE']._serialized_end=3203
+  _globals['_TASKDEFINITION']._serialized_end=671
+  _globals['_TASKTIMEOUTS']._serialized_start=674
+  _globals['_TASKTIMEOUTS']._serialized_end=839
+  _globals['_WORKFLOWDEFINITION']._serialized_start=842
+  _globals['_WORKFLOWDEFINITION']._serialized_end=1082
+  _globals['_CREATEWORKFLOWDEFINITIONREQUEST']._serialized_start=1084
+  _globals['_CREATEWORKFLOWDEFINITIONREQUEST']._serialized_end=1177
+  _globals['_GETWORKFLOWDEFINITIONREQUEST']._serialized_start=1179
+  _globals['_GETWORKFLOWDEFINITIONREQUEST']._serialized_end=1238
+  _globals['_LISTWORKFLOWDEFINITIONSREQUEST']._serialized_start=1240
+  _globals['_LISTWORKFLOWDEFINITIONSREQUEST']._serialized_end=1311
+  _globals['_LISTWORKFLOWDEFINITIONSRESPONSE']._serialized_start=1313
+  _globals['_LISTWORKFLOWDEFINITIONSRESPONSE']._serialized_end=1432
+  _globals['_DELETEWORKFLOWDEFINITIONREQUEST']._serialized_start=1434
+  _globals['_DELETEWORKFLOWDEFINITIONREQUEST']._serialized_end=1496
+  _globals['_DELETEWORKFLOWDEFINITIONRESPONSE']._serialized_start=1498
+  _globals['_DELETEWORKFLOWDEFINITIONRESPONSE']._serialized_end=1532
+  _globals['_STARTWORKFLOWREQUEST']._serialized_start=1535
+  _globals['_STARTWORKFLOWREQUEST']._serialized_end=1789
+  _globals['_STREAMTASKSREQUEST']._serialized_start=1791
+  _globals['_STREAMTASKSREQUEST']._serialized_end=1852
+  _globals['_TASKASSIGNMENT']._serialized_start=1855
+  _globals['_TASKASSIGNMENT']._serialized_end=2263
+  _globals['_COMPLETETASKREQUEST']._serialized_start=2265
+  _globals['_COMPLETETASKREQUEST']._serialized_end=2347
+  _globals['_COMPLETETASKRESPONSE']._serialized_start=2349
+  _globals['_COMPLETETASKRESPONSE']._serialized_end=2371
+  _globals['_FAILTASKREQUEST']._serialized_start=2373
+  _globals['_FAILTASKREQUEST']._serialized_end=2452
+  _globals['_FAILTASKRESPONSE']._serialized_start=2454
+  _globals['_FAILTASKRESPONSE']._serialized_end=2472
+  _globals['_HEARTBEATTASKREQUEST']._serialized_start=2474
+  _globals['_HEARTBEATTASKREQUEST']._serialized_end=2516
+  _globals['_HEARTBEATTASKRESPONSE']._serialized_start=2518
+  _globals['_HEARTBEATTASKRESPONSE']._serialized_end=2613
+  _globals['_WORKFLOWSERVICE']._serialized_start=2616
+  _globals['_WORKFLOWSERVICE']._serialized_end=3607
 # @@protoc_insertion_point(module_scope)

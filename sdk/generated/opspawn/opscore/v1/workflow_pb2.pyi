@@ -73,6 +73,7 @@ class TaskDefinition(_message.Message):
     DEPENDS_ON_FIELD_NUMBER: _builtins.int
     RETRY_POLICY_FIELD_NUMBER: _builtins.int
     TIMEOUT_FIELD_NUMBER: _builtins.int
+    TIMEOUTS_FIELD_NUMBER: _builtins.int
     task_id: _builtins.str
     """Unique within the definition."""
     name: _builtins.str
@@ -92,9 +93,14 @@ class TaskDefinition(_message.Message):
     def retry_policy(self) -> Global___RetryPolicy: ...
     @_builtins.property
     def timeout(self) -> _duration_pb2.Duration:
-        """Lease of one attempt: it is retried when not completed, failed or
-        heartbeated within this time (default 60s).
+        """The heartbeat timeout (lease) of one attempt; the same as
+        timeouts.heartbeat, kept for older clients. Setting both to different
+        values is INVALID_ARGUMENT.
         """
+
+    @_builtins.property
+    def timeouts(self) -> Global___TaskTimeouts:
+        """This task's time limits; unset fields take the workflow's task_timeouts."""
 
     def __init__(
         self,
@@ -107,14 +113,58 @@ class TaskDefinition(_message.Message):
         depends_on: _abc.Iterable[_builtins.str] | None = ...,
         retry_policy: Global___RetryPolicy | None = ...,
         timeout: _duration_pb2.Duration | None = ...,
+        timeouts: Global___TaskTimeouts | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["parameters", b"parameters", "retry_policy", b"retry_policy", "timeout", b"timeout"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["parameters", b"parameters", "retry_policy", b"retry_policy", "timeout", b"timeout", "timeouts", b"timeouts"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_capability", b"agent_capability", "depends_on", b"depends_on", "name", b"name", "next_task_id", b"next_task_id", "parameters", b"parameters", "retry_policy", b"retry_policy", "task_id", b"task_id", "timeout", b"timeout"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_capability", b"agent_capability", "depends_on", b"depends_on", "name", b"name", "next_task_id", b"next_task_id", "parameters", b"parameters", "retry_policy", b"retry_policy", "task_id", b"task_id", "timeout", b"timeout", "timeouts", b"timeouts"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___TaskDefinition: _TypeAlias = TaskDefinition  # noqa: Y015
+
+@_typing.final
+class TaskTimeouts(_message.Message):
+    """Time limits of a task. Each one that runs out ends the attempt with a
+    TASK_TIMED_OUT event naming it, and the retry policy decides what follows.
+    Unset: no limit, except heartbeat (default 60s).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    START_TO_CLOSE_FIELD_NUMBER: _builtins.int
+    HEARTBEAT_FIELD_NUMBER: _builtins.int
+    SCHEDULE_TO_START_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def start_to_close(self) -> _duration_pb2.Duration:
+        """An attempt's whole run, from dispatch to its answer, heartbeats or not
+        (Temporal's start-to-close). The SDK cancels the handler when it runs out.
+        """
+
+    @_builtins.property
+    def heartbeat(self) -> _duration_pb2.Duration:
+        """The lease: an attempt not heartbeated, completed or failed within this is
+        timed out. Each HeartbeatTask extends it by this much.
+        """
+
+    @_builtins.property
+    def schedule_to_start(self) -> _duration_pb2.Duration:
+        """How long a ready task may wait for an agent to take it (each attempt)."""
+
+    def __init__(
+        self,
+        *,
+        start_to_close: _duration_pb2.Duration | None = ...,
+        heartbeat: _duration_pb2.Duration | None = ...,
+        schedule_to_start: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["heartbeat", b"heartbeat", "schedule_to_start", b"schedule_to_start", "start_to_close", b"start_to_close"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["heartbeat", b"heartbeat", "schedule_to_start", b"schedule_to_start", "start_to_close", b"start_to_close"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TaskTimeouts: _TypeAlias = TaskTimeouts  # noqa: Y015
 
 @_typing.final
 class WorkflowDefinition(_message.Message):
@@ -128,6 +178,7 @@ class WorkflowDefinition(_message.Message):
     VERSION_FIELD_NUMBER: _builtins.int
     TASKS_FIELD_NUMBER: _builtins.int
     CREATED_AT_FIELD_NUMBER: _builtins.int
+    TASK_TIMEOUTS_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     name: _builtins.str
     description: _builtins.str
@@ -137,6 +188,10 @@ class WorkflowDefinition(_message.Message):
     def tasks(self) -> _containers.RepeatedCompositeFieldContainer[Global___TaskDefinition]: ...
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def task_timeouts(self) -> Global___TaskTimeouts:
+        """Defaults for every task's timeouts."""
+
     def __init__(
         self,
         *,
@@ -146,10 +201,11 @@ class WorkflowDefinition(_message.Message):
         version: _builtins.str = ...,
         tasks: _abc.Iterable[Global___TaskDefinition] | None = ...,
         created_at: _timestamp_pb2.Timestamp | None = ...,
+        task_timeouts: Global___TaskTimeouts | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "task_timeouts", b"task_timeouts"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "description", b"description", "id", b"id", "name", b"name", "tasks", b"tasks", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "description", b"description", "id", b"id", "name", b"name", "task_timeouts", b"task_timeouts", "tasks", b"tasks", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -380,6 +436,9 @@ class TaskAssignment(_message.Message):
     ATTEMPT_FIELD_NUMBER: _builtins.int
     DEADLINE_FIELD_NUMBER: _builtins.int
     LEASE_FIELD_NUMBER: _builtins.int
+    ATTEMPT_DEADLINE_FIELD_NUMBER: _builtins.int
+    START_TO_CLOSE_FIELD_NUMBER: _builtins.int
+    MAX_ATTEMPTS_FIELD_NUMBER: _builtins.int
     task_token: _builtins.str
     """Opaque; binds task and attempt. Pass it to Complete/Fail/HeartbeatTask."""
     task_id: _builtins.str
@@ -389,6 +448,8 @@ class TaskAssignment(_message.Message):
     agent_capability: _builtins.str
     attempt: _builtins.int
     """1 for the first attempt."""
+    max_attempts: _builtins.int
+    """Attempts the retry policy allows in all; attempt never exceeds it."""
     @_builtins.property
     def payload(self) -> _struct_pb2.Struct:
         """{"parameters": ..., "input": session input, "upstream": {task_id: output}}."""
@@ -400,8 +461,18 @@ class TaskAssignment(_message.Message):
     @_builtins.property
     def lease(self) -> _duration_pb2.Duration:
         """The lease length: each HeartbeatTask extends the lease by this much (the
-        task's timeout), so heartbeat well within it.
+        task's heartbeat timeout), so heartbeat well within it.
         """
+
+    @_builtins.property
+    def attempt_deadline(self) -> _timestamp_pb2.Timestamp:
+        """The end of the attempt's start_to_close timeout (unset: none). The lease
+        never reaches past it; stop working when it comes.
+        """
+
+    @_builtins.property
+    def start_to_close(self) -> _duration_pb2.Duration:
+        """The start_to_close timeout itself (unset: none)."""
 
     def __init__(
         self,
@@ -416,10 +487,13 @@ class TaskAssignment(_message.Message):
         attempt: _builtins.int = ...,
         deadline: _timestamp_pb2.Timestamp | None = ...,
         lease: _duration_pb2.Duration | None = ...,
+        attempt_deadline: _timestamp_pb2.Timestamp | None = ...,
+        start_to_close: _duration_pb2.Duration | None = ...,
+        max_attempts: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["deadline", b"deadline", "lease", b"lease", "payload", b"payload"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["attempt_deadline", b"attempt_deadline", "deadline", b"deadline", "lease", b"lease", "payload", b"payload", "start_to_close", b"start_to_close"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_capability", b"agent_capability", "attempt", b"attempt", "deadline", b"deadline", "lease", b"lease", "name", b"name", "payload", b"payload", "session_id", b"session_id", "task_id", b"task_id", "task_token", b"task_token", "workflow_id", b"workflow_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_capability", b"agent_capability", "attempt", b"attempt", "attempt_deadline", b"attempt_deadline", "deadline", b"deadline", "lease", b"lease", "max_attempts", b"max_attempts", "name", b"name", "payload", b"payload", "session_id", b"session_id", "start_to_close", b"start_to_close", "task_id", b"task_id", "task_token", b"task_token", "workflow_id", b"workflow_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
