@@ -60,6 +60,8 @@ STYLES = {
     "TASK_COMPLETED": "green",
     "TASK_FAILED": "red",
     "TASK_LEASE_EXPIRED": "magenta",
+    "TASK_TIMED_OUT": "magenta",
+    "TASK_ANSWER_REFUSED": "yellow",
     "TASK_RETRY_SCHEDULED": "magenta",
 }
 

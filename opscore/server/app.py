@@ -67,6 +67,7 @@ class OpsCoreServer:
         self._agent_watch = AgentWatch(store, clock, settings.watch())
         queue = TaskQueue(store, clock)
         self._dispatcher = Dispatcher(queue, registry.ready_for_work, settings.dispatch())
+        queue.explain = self._dispatcher.waiting_reason
         self._engine = WorkflowEngine(
             store, clock, settings.workflows(), registry, queue, self._dispatcher
         )

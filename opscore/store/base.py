@@ -146,7 +146,9 @@ class Store(ABC):
         `dispatch(session, task_id, agent_id)` to each match, in one transaction."""
 
     @abstractmethod
-    async def expired_leases(self, now: datetime) -> list[TaskKey]: ...
+    async def timed_out_tasks(self, now: datetime) -> list[TaskKey]:
+        """Attempts whose lease has run out by `now`, and ready tasks past their
+        schedule_to_start limit."""
 
     @abstractmethod
     async def leased_tasks(self, agent_id: str | None = None) -> list[TaskKey]:

@@ -229,7 +229,7 @@ async def test_disconnect_mid_task_requeues_to_another_agent(ops: Harness, rpc: 
         ops.workflow.CompleteTask(W.CompleteTaskRequest(task_token=lost.task_token)),
         PRECONDITION,
     )
-    assert failure.reason == "TASK_TOKEN_INVALID"
+    assert failure.reason == "ATTEMPT_ENDED"
     await second.complete(redelivered)
     await ops.wait_status(session.session_id, S.SESSION_STATUS_COMPLETED)
 

@@ -241,7 +241,7 @@ async def test_cancel_running_session(ops: Harness, rpc: Rpc) -> None:
     assert beat.cancel_requested
     for call in (agent.complete(running, {"late": True}), agent.fail(running, "late")):
         failure = await rpc.fails(call, PRECONDITION)
-        assert failure.reason == "TASK_TOKEN_INVALID"
+        assert failure.reason == "ATTEMPT_ENDED"
     history = await ops.events(sid)
     tail = history[-4:]
     assert event_types(tail) == ["TASK_CANCELLED"] * 3 + ["SESSION_CANCELLED"]

@@ -291,7 +291,7 @@ async def test_non_retryable_failure_fails_session_and_cancels_the_rest(
     beat = await agent.heartbeat(by_id["translate"])
     assert beat.cancel_requested
     failure = await rpc.fails(agent.complete(by_id["translate"]), PRECONDITION)
-    assert failure.reason == "TASK_TOKEN_INVALID"
+    assert failure.reason == "ATTEMPT_ENDED"
     history = await ops.events(session.session_id)
     assert event_types(history)[-4:] == [
         "TASK_FAILED",
@@ -390,9 +390,9 @@ async def test_retry_delay_is_capped_by_maximum_interval(ops: Harness) -> None:
 
 
 async def test_lease_expiry_redelivers_the_task(ops: Harness, rpc: Rpc) -> None:
-    """A task not answered within its 5s timeout expires (TASK_LEASE_EXPIRED), is
-    retried after the backoff as attempt 2, and the first attempt's token is then
-    refused FAILED_PRECONDITION / TASK_TOKEN_INVALID."""
+    """A task not answered within its 5s timeout times out (TASK_TIMED_OUT, HEARTBEAT),
+    is retried after the backoff as attempt 2, and the first attempt's answers are
+    then refused FAILED_PRECONDITION / ATTEMPT_ENDED and counted in the history."""
     defn = single("lease", timeout=5, retry={"initial_interval": 1})
     agent = await ops.agent("w", ["work"])
     session = await ops.start(defn)
@@ -413,17 +413,24 @@ async def test_lease_expiry_redelivers_the_task(ops: Harness, rpc: Rpc) -> None:
         "CREATED",
         "TASK_QUEUED",
         "TASK_DISPATCHED",
-        "TASK_LEASE_EXPIRED",
+        "TASK_TIMED_OUT",
         "TASK_RETRY_SCHEDULED",
         "TASK_DISPATCHED",
     ]
     assert history[3].attempt == 1
+    assert history[3].timeout_type == S.TIMEOUT_TYPE_HEARTBEAT
     for call in (agent.complete(first), agent.heartbeat(first), agent.fail(first)):
         failure = await rpc.fails(call, PRECONDITION)
-        assert failure.reason == "TASK_TOKEN_INVALID"
+        assert failure.reason == "ATTEMPT_ENDED"
+        assert "superseded by attempt 2" in failure.message
     await agent.complete(second, {"late": False})
     done = await ops.wait_status(session.session_id, S.SESSION_STATUS_COMPLETED)
     assert task_of(done, "only").attempt == 2
+    refused = of_type(await ops.events(session.session_id), "TASK_ANSWER_REFUSED")
+    assert [(e.attempt, to_dict(e.detail)["answer"]) for e in refused] == [
+        (1, "completed"),
+        (1, "failed"),
+    ]
 
 
 async def test_heartbeat_extends_the_lease(ops: Harness) -> None:
@@ -453,9 +460,9 @@ async def test_heartbeat_extends_the_lease(ops: Harness) -> None:
     moved = await ops.tick_until(failed, limit=5)
     assert moved >= 1
     ended = await ops.session(session.session_id)
-    assert "lease" in ended.error
+    assert ended.error == "task only failed: heartbeat timeout of 5s reached"
     assert event_types(await ops.events(session.session_id))[-2:] == [
-        "TASK_LEASE_EXPIRED",
+        "TASK_TIMED_OUT",
         "SESSION_FAILED",
     ]
 
@@ -503,7 +510,7 @@ async def test_tampered_and_missing_tokens_are_invalid_argument(ops: Harness, rp
 async def test_duplicate_and_stale_answers(ops: Harness, rpc: Rpc) -> None:
     """Completing (or failing) the same attempt twice is OK and records nothing more;
     the other answer for an ended attempt and any answer with a superseded attempt's
-    token are FAILED_PRECONDITION / TASK_TOKEN_INVALID."""
+    token are FAILED_PRECONDITION / ATTEMPT_ENDED."""
     agent = await ops.agent("w", ["work"])
     session = await ops.start(
         definition("dup", task("a", retry={"initial_interval": 1}), task("b", depends_on=["a"]))
@@ -515,14 +522,14 @@ async def test_duplicate_and_stale_answers(ops: Harness, rpc: Rpc) -> None:
     await agent.fail(first, "flaky")
     assert len(await ops.events(sid)) == count
     failure = await rpc.fails(agent.complete(first), PRECONDITION)
-    assert failure.reason == "TASK_TOKEN_INVALID"
+    assert failure.reason == "ATTEMPT_ENDED"
 
     await ops.tick_until(lambda: agent.pending() > 0, limit=3)
     second = await agent.next()
     assert second.attempt == 2
     for call in (agent.complete(first), agent.fail(first), agent.heartbeat(first)):
         failure = await rpc.fails(call, PRECONDITION)
-        assert failure.reason == "TASK_TOKEN_INVALID"
+        assert failure.reason == "ATTEMPT_ENDED"
 
     await agent.complete(second, {"v": 1})
     b = await agent.next()  # b is dispatched once a completes; read history after that
@@ -532,9 +539,9 @@ async def test_duplicate_and_stale_answers(ops: Harness, rpc: Rpc) -> None:
     assert len(of_type(history, "TASK_COMPLETED")) == 1
     assert to_dict(task_of(await ops.session(sid), "a").output) == {"v": 1.0}
     failure = await rpc.fails(agent.fail(second), PRECONDITION)
-    assert failure.reason == "TASK_TOKEN_INVALID"
+    assert failure.reason == "ATTEMPT_ENDED"
     failure = await rpc.fails(agent.heartbeat(second), PRECONDITION)
-    assert failure.reason == "TASK_TOKEN_INVALID"
+    assert failure.reason == "ATTEMPT_ENDED"
 
     await agent.complete(b)
     await ops.wait_status(sid, S.SESSION_STATUS_COMPLETED)

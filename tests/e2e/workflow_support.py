@@ -74,9 +74,11 @@ def task(
     retry: dict[str, Any] | None = None,
     parameters: dict[str, Any] | None = None,
     name: str = "",
+    timeouts: dict[str, float] | None = None,
 ) -> workflow_pb2.TaskDefinition:
     """A TaskDefinition; `retry` takes max_attempts, backoff_coefficient and
-    initial_interval / maximum_interval in seconds."""
+    initial_interval / maximum_interval in seconds, `timeouts` start_to_close,
+    heartbeat and schedule_to_start in seconds."""
     out = workflow_pb2.TaskDefinition(
         task_id=task_id,
         name=name or task_id,
@@ -88,6 +90,8 @@ def task(
         out.parameters.update(parameters)
     if timeout is not None:
         out.timeout.CopyFrom(duration(timeout))
+    for name_, seconds in (timeouts or {}).items():
+        getattr(out.timeouts, name_).CopyFrom(duration(seconds))
     if retry is not None:
         policy = out.retry_policy
         policy.SetInParent()

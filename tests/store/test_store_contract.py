@@ -168,7 +168,7 @@ async def test_empty_store(store: Store) -> None:
     assert await store.compact_agent_events(keep=0) == 0
     assert await store.list_definitions(("", ""), 10) == []
     assert await store.list_sessions(SessionFilter(), 0, 10) == []
-    assert await store.leased_tasks() == [] and await store.expired_leases(at(3600)) == []
+    assert await store.leased_tasks() == [] and await store.timed_out_tasks(at(3600)) == []
     assert await store.prune_sessions(at(3600)) == 0
 
 
@@ -834,12 +834,18 @@ async def test_leased_and_expired_tasks(store: Store) -> None:
     k1, k2 = TaskKey("s1", "t", 1), TaskKey("s2", "t", 1)
     assert sorted(await store.leased_tasks()) == [k1, k2]
     assert await store.leased_tasks("a") == [k1] and await store.leased_tasks("c") == []
-    assert await store.expired_leases(at(9.999)) == []
-    assert await store.expired_leases(at(10)) == [k1]  # due at its deadline
-    assert sorted(await store.expired_leases(at(30))) == [k1, k2]
-    await change(store, "s1", lambda s: s.expire_lease("t", at(10)))  # retried later
+    assert await store.timed_out_tasks(at(9.999)) == []
+    assert await store.timed_out_tasks(at(10)) == [k1]  # due at its deadline
+    assert sorted(await store.timed_out_tasks(at(30))) == [k1, k2]
+    await change(store, "s1", lambda s: s.time_out("t", at(10)))  # retried later
     await change(store, "s2", lambda s: s.complete(k2, {}, at(11)))
-    assert await store.leased_tasks() == [] and await store.expired_leases(at(30)) == []
+    assert await store.leased_tasks() == [] and await store.timed_out_tasks(at(30)) == []
+    # A ready task waits at most its schedule_to_start limit for an agent.
+    await start(store, "s5", workflow(task(schedule_to_start=5)))
+    assert await store.timed_out_tasks(at(4.9)) == []
+    assert await store.timed_out_tasks(at(5)) == [TaskKey("s5", "t", 0)]
+    await change(store, "s5", lambda s: s.dispatch("t", "b", NOW))
+    assert await store.timed_out_tasks(at(5)) == []
     # A session created with its first task already dispatched (eager dispatch) holds it.
     eager = Session.start("s4", workflow(), {}, "", "", NOW)
     eager.dispatch("t", "a", NOW)
@@ -959,7 +965,7 @@ async def observe(store: Store) -> dict[str, Any]:
         "sessions": [(seq, persisted(s)) for seq, s in sessions],
         "history": [await store.list_session_events(s.session_id, 0, 100) for _, s in sessions],
         "leased": sorted(await store.leased_tasks()),
-        "expired": sorted(await store.expired_leases(at(3600))),
+        "expired": sorted(await store.timed_out_tasks(at(3600))),
         "secret": await store.secret("signing"),
     }
 

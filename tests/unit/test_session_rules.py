@@ -19,8 +19,19 @@ from opscore.domain.workflows.definitions import (
     validate,
 )
 from opscore.domain.workflows.session import Session, TaskKey
-from opscore.protocol.enums import FINISHED, SessionEventType, SessionStatus, TaskStatus
-from opscore.protocol.errors import InvalidArgumentError, InvalidStateError, TaskDispatchError
+from opscore.protocol.enums import (
+    FINISHED,
+    SessionEventType,
+    SessionStatus,
+    TaskStatus,
+    WaitingReason,
+)
+from opscore.protocol.errors import (
+    AttemptEndedError,
+    InvalidArgumentError,
+    InvalidStateError,
+    TaskDispatchError,
+)
 from opscore.protocol.limits import RETRY_JITTER as JITTER
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
@@ -242,22 +253,48 @@ def test_fan_in_waits_for_every_prerequisite() -> None:
     assert types(run)[-1] == "SESSION_COMPLETED"
 
 
-def test_repeated_answer_is_a_no_op_and_the_other_answer_is_stale() -> None:
-    """Completing an attempt twice records one event; failing it afterwards, or
-    answering with a superseded attempt, raises TaskDispatchError."""
+def test_repeated_answer_is_a_no_op_and_the_other_answer_is_refused() -> None:
+    """Completing an attempt twice records one event; failing it afterwards is
+    refused (kept in `refusal`, recorded as TASK_ANSWER_REFUSED); a heartbeat of the
+    ended attempt is refused without a record; an unknown task raises at once."""
     run = start(wf(t("a"), t("b")))
     key = run.dispatch("a", "x", T0).key
     run.complete(key, {"v": 1}, at(1))
     count = len(run.new_events)
     run.complete(key, {"v": 2}, at(2))
-    assert len(run.new_events) == count
+    assert len(run.new_events) == count and run.refusal is None
     assert run.tasks["a"].output == {"v": 1}
-    with pytest.raises(TaskDispatchError):
-        run.fail(key, "late", True, at(3))
-    with pytest.raises(TaskDispatchError):
-        run.heartbeat(key, at(3))
+    run.fail(key, "late", True, at(3))
+    assert isinstance(run.refusal, AttemptEndedError)
+    refused = run.new_events[-1]
+    assert (refused.type, refused.attempt, refused.detail["answer"]) == (
+        E.TASK_ANSWER_REFUSED,
+        1,
+        "failed",
+    )
+    run.refusal = None
+    assert run.heartbeat(key, at(3)) == (False, None)
+    assert isinstance(run.refusal, AttemptEndedError)
+    assert len(run.new_events) == count + 1
     with pytest.raises(TaskDispatchError):
         run.complete(TaskKey("s1", "nope", 1), {}, at(3))
+
+
+def test_superseded_attempt_is_refused_and_counted() -> None:
+    """After attempt 1 timed out and attempt 2 was dispatched, attempt 1's answer is
+    refused and recorded with attempt 1; attempt 2 is untouched."""
+    run = start(wf(t("a", timeout=10)))
+    first = run.dispatch("a", "x", T0).key
+    run.time_out("a", at(10), FixedRandom(0))
+    second = run.dispatch("a", "y", at(20)).key
+    run.complete(first, {"late": True}, at(21))
+    assert run.refusal is not None and "superseded by attempt 2" in str(run.refusal)
+    assert run.new_events[-1].type is E.TASK_ANSWER_REFUSED
+    assert run.new_events[-1].attempt == 1
+    assert run.tasks["a"].status is TaskStatus.DISPATCHED
+    run.refusal = None
+    run.complete(second, {"v": 2}, at(22))
+    assert run.refusal is None and run.status is SessionStatus.COMPLETED
 
 
 def test_retryable_failure_waits_then_exhausts_attempts() -> None:
@@ -307,46 +344,126 @@ def test_non_retryable_failure_fails_at_once() -> None:
     assert run.heartbeat(kb, at(2)) == (True, None)
 
 
-def test_lease_expiry_only_after_the_deadline_and_heartbeat_extends_it() -> None:
-    """expire_lease does nothing before the lease ends; a heartbeat moves the end to
-    now + timeout and marks the task RUNNING; after that end the attempt expires and is
-    retried."""
+def test_heartbeat_timeout_only_after_the_lease_and_heartbeat_extends_it() -> None:
+    """time_out does nothing before the lease ends; a heartbeat moves the end to now +
+    timeout and marks the task RUNNING; after that end the attempt times out
+    (HEARTBEAT) and is retried; a late answer is refused."""
     run = start(wf(t("a", timeout=10)))
     key = run.dispatch("a", "x", T0).key
-    run.expire_lease("a", at(9), FixedRandom(0))
+    run.time_out("a", at(9), FixedRandom(0))
     assert run.tasks["a"].status is TaskStatus.DISPATCHED
     assert run.heartbeat(key, at(8)) == (False, at(18))
     assert run.tasks["a"].status is TaskStatus.RUNNING
-    run.expire_lease("a", at(12), FixedRandom(0))
+    run.time_out("a", at(12), FixedRandom(0))
     assert run.tasks["a"].status is TaskStatus.RUNNING
-    run.expire_lease("a", at(18), FixedRandom(0))
+    run.time_out("a", at(18), FixedRandom(0))
     assert run.tasks["a"].status is TaskStatus.RETRY_WAIT
-    assert types(run)[-3:] == ["TASK_HEARTBEAT", "TASK_LEASE_EXPIRED", "TASK_RETRY_SCHEDULED"]
-    assert "10s lease" in run.tasks["a"].error
-    with pytest.raises(TaskDispatchError):
-        run.complete(key, {}, at(19))
+    assert types(run)[-3:] == ["TASK_HEARTBEAT", "TASK_TIMED_OUT", "TASK_RETRY_SCHEDULED"]
+    assert run.new_events[-2].detail["timeout_type"] == "HEARTBEAT"
+    assert run.tasks["a"].error == "heartbeat timeout of 10s reached"
+    run.complete(key, {}, at(19))
+    assert isinstance(run.refusal, AttemptEndedError)
 
 
-def test_requeue_counts_lost_agents_but_not_restarts() -> None:
-    """requeue(lost=True) counts a failed attempt (and fails the session when none are
-    left); requeue(lost=False) re-queues at once without counting; a stale attempt is
-    ignored."""
+def test_start_to_close_caps_the_lease_even_while_heartbeating() -> None:
+    """With start_to_close 25s and a 10s lease, heartbeats extend the lease only up to
+    the attempt deadline; then the attempt times out (START_TO_CLOSE)."""
+    run = start(wf(t("a", timeout=10, start_to_close=25)))
+    assignment = run.dispatch("a", "x", T0)
+    assert (assignment.attempt_deadline, assignment.deadline) == (at(25), at(10))
+    assert (assignment.start_to_close, assignment.max_attempts) == (25, 3)
+    assert run.heartbeat(assignment.key, at(9)) == (False, at(19))
+    assert run.heartbeat(assignment.key, at(18)) == (False, at(25))
+    run.time_out("a", at(25), FixedRandom(0))
+    timed_out = run.new_events[-2]
+    assert timed_out.type is E.TASK_TIMED_OUT
+    assert timed_out.detail["timeout_type"] == "START_TO_CLOSE"
+    assert run.tasks["a"].status is TaskStatus.RETRY_WAIT
+
+
+def test_an_answer_after_the_deadline_times_out_the_attempt_first() -> None:
+    """An answer arriving after the lease ended, before the scheduler noticed, is
+    refused; the same transaction records the timeout, so the history says why (the
+    refusal itself is not recorded after the session's terminal event)."""
+    run = start(wf(t("a", timeout=10, retry_policy=RetryPolicy(max_attempts=1))))
+    key = run.dispatch("a", "x", T0).key
+    run.complete(key, {"v": 1}, at(11))
+    assert isinstance(run.refusal, AttemptEndedError)
+    assert types(run)[-2:] == ["TASK_TIMED_OUT", "SESSION_FAILED"]  # the end stays last
+    assert run.status is SessionStatus.FAILED
+
+
+def test_schedule_to_start_limits_the_wait_for_an_agent() -> None:
+    """A ready task nobody takes within schedule_to_start times out
+    (SCHEDULE_TO_START) without an attempt, and is retried per its policy: the next
+    wait starts when the backoff ends; out of retries the session fails."""
+    policy = RetryPolicy(max_attempts=2, initial_interval=5)
+    run = start(wf(t("a", schedule_to_start=30, retry_policy=policy)))
+    assert run.tasks["a"].wait_deadline == at(30)
+    run.time_out("a", at(29), FixedRandom(0))
+    assert run.tasks["a"].status is TaskStatus.PENDING
+    run.time_out("a", at(30), FixedRandom(0))
+    assert types(run)[-2:] == ["TASK_TIMED_OUT", "TASK_RETRY_SCHEDULED"]
+    assert run.new_events[-2].detail["timeout_type"] == "SCHEDULE_TO_START"
+    task = run.tasks["a"]
+    assert (task.status, task.attempt, task.ready_at) == (TaskStatus.RETRY_WAIT, 0, at(35))
+    assert task.wait_deadline == at(65)
+    run.time_out("a", at(65), FixedRandom(0))
+    assert run.status is SessionStatus.FAILED
+    assert run.error == "task a failed: schedule_to_start timeout of 30s reached"
+
+
+def test_dispatch_clears_the_wait_limit() -> None:
+    run = start(wf(t("a", schedule_to_start=30)))
+    run.dispatch("a", "x", at(1))
+    run.time_out("a", at(31), FixedRandom(0))
+    assert run.tasks["a"].status is TaskStatus.DISPATCHED
+
+
+def test_requeue_counts_a_lost_agent_and_undeliver_does_not() -> None:
+    """requeue counts a failed attempt (and fails the session when none are left);
+    undeliver takes back an attempt that never reached its agent under the same
+    attempt number; a stale attempt is ignored by both."""
     run = start(wf(t("a", retry_policy=RetryPolicy(max_attempts=2))))
     key = run.dispatch("a", "x", T0).key
-    run.requeue("a", key.attempt, "server restarted", at(1), lost=False)
-    assert (run.tasks["a"].status, run.tasks["a"].failures) == (TaskStatus.PENDING, 0)
-    assert run.tasks["a"].ready_at == at(1)
-    assert run.new_events[-1].detail == {"reason": "server restarted"}
+    run.undeliver("a", key.attempt, "agent disconnected before delivery", at(1))
+    task = run.tasks["a"]
+    assert (task.status, task.failures, task.attempt) == (TaskStatus.PENDING, 0, 0)
+    assert task.ready_at == at(1)
+    assert run.new_events[-1].detail == {"reason": "agent disconnected before delivery"}
     key = run.dispatch("a", "x", at(2)).key
-    run.requeue("a", 1, "stale", at(3), lost=True)  # superseded attempt: ignored
+    assert key.attempt == 1
+    run.requeue("a", 0, "stale", at(3))  # not the current attempt: ignored
     assert run.tasks["a"].status is TaskStatus.DISPATCHED
-    run.requeue("a", key.attempt, "agent disconnected", at(3), lost=True)
+    run.requeue("a", key.attempt, "agent disconnected", at(3))
     assert run.tasks["a"].failures == 1
     key = run.dispatch("a", "x", at(4)).key
-    assert key.attempt == 3
-    run.requeue("a", key.attempt, "agent disconnected", at(5), lost=True)
+    assert key.attempt == 2
+    run.requeue("a", key.attempt, "agent disconnected", at(5))
     assert run.status is SessionStatus.FAILED
     assert run.error == "task a failed: agent disconnected; no attempts left"
+
+
+def test_waiting_reasons() -> None:
+    """A task says why it waits: its dependencies, its backoff, or (once ready) what
+    the live agents say, which TASK_QUEUED events also carry."""
+    run = start(wf(t("a", retry_policy=RetryPolicy(initial_interval=5)), t("b", depends_on=("a",))))
+    assert run.tasks["a"].waiting_at(T0) is None
+    assert run.tasks["b"].waiting_at(T0) == (
+        WaitingReason.DEPENDENCIES,
+        "waiting for the tasks it depends on",
+    )
+    run.note_waiting(lambda cap, pinned: (WaitingReason.NO_CAPABLE_AGENT, f"none has {cap}"))
+    queued = [e for e in run.new_events if e.type is E.TASK_QUEUED]
+    assert queued[0].detail == {
+        "waiting_reason": "NO_CAPABLE_AGENT",
+        "waiting_message": "none has work",
+    }
+    key = run.dispatch("a", "x", T0).key
+    assert run.tasks["a"].waiting_at(T0) == (WaitingReason.UNSPECIFIED, "")
+    run.fail(key, "boom", True, at(1), FixedRandom(0))
+    reason, message = run.tasks["a"].waiting_at(at(2)) or (None, "")
+    assert reason is WaitingReason.BACKOFF and at(6).isoformat() in message
 
 
 def test_cancel() -> None:
@@ -363,8 +480,8 @@ def test_cancel() -> None:
     assert run.released == [key]
     assert run.new_events[-1].detail == {"reason": "stop"}
     assert run.heartbeat(key, at(2)) == (True, None)
-    with pytest.raises(TaskDispatchError):
-        run.complete(key, {}, at(2))
+    run.complete(key, {}, at(2))
+    assert isinstance(run.refusal, AttemptEndedError)
     with pytest.raises(InvalidStateError):
         run.cancel("again", at(3))
 
@@ -375,7 +492,7 @@ def test_cancel() -> None:
 @settings(max_examples=150, deadline=None)
 @given(
     outcomes=st.lists(
-        st.sampled_from(["complete", "fail", "fatal", "expire", "lost", "restart"]),
+        st.sampled_from(["complete", "fail", "fatal", "expire", "lost", "undelivered"]),
         min_size=1,
         max_size=25,
     ),
@@ -384,7 +501,7 @@ def test_cancel() -> None:
 def test_any_history_is_gap_free_and_ends_once(outcomes: list[str], attempts: int) -> None:
     """Whatever happens to a three-step chain's attempts, sequences stay 1..n without
     gaps, attempts only grow, at most one terminal event is recorded and it is last, and
-    a finished session has no open task."""
+    a finished session has no open task, and no attempt number exceeds max_attempts."""
     policy = RetryPolicy(max_attempts=attempts, initial_interval=1.0)
     run = start(
         wf(
@@ -409,16 +526,18 @@ def test_any_history_is_gap_free_and_ends_once(outcomes: list[str], attempts: in
             break
         task_id = ready[0]
         key = run.dispatch(task_id, "ag", now).key
-        assert key.attempt > last_attempt.get(task_id, 0)
+        assert last_attempt.get(task_id, 0) <= key.attempt <= attempts
         last_attempt[task_id] = key.attempt
         if outcome == "complete":
             run.complete(key, {"by": task_id}, now)
         elif outcome in ("fail", "fatal"):
             run.fail(key, "x", outcome == "fail", now, rng)
         elif outcome == "expire":
-            run.expire_lease(task_id, now + timedelta(seconds=61), rng)
+            run.time_out(task_id, now + timedelta(seconds=61), rng)
+        elif outcome == "lost":
+            run.requeue(task_id, key.attempt, outcome, now)
         else:
-            run.requeue(task_id, key.attempt, outcome, now, lost=outcome == "lost")
+            run.undeliver(task_id, key.attempt, outcome, now)
 
     assert [e.sequence for e in run.new_events] == list(range(1, len(run.new_events) + 1))
     assert run.last_sequence == len(run.new_events)

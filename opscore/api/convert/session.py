@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from opspawn.opscore.v1 import session_pb2
 
 from opscore.api.convert.fields import RequestViolations, dict_to_struct, set_time
 from opscore.domain.workflows.session import Session, SessionEvent, SessionFilter
-from opscore.protocol.enums import SessionStatus
+from opscore.protocol.enums import SessionEventType, SessionStatus, TimeoutType, WaitingReason
 from opscore.protocol.limits import MAX_REASON_LENGTH
 
 
@@ -43,7 +45,10 @@ def watch_request(req: session_pb2.WatchSessionRequest) -> tuple[str, int]:
     return req.session_id, req.since_sequence
 
 
-def session_to_proto(session: Session) -> session_pb2.Session:
+def session_to_proto(
+    session: Session, waiting: Mapping[str, tuple[WaitingReason, str]]
+) -> session_pb2.Session:
+    """`waiting`: why each task waits (`WorkflowEngine.waiting`)."""
     msg = session_pb2.Session(
         session_id=session.session_id,
         workflow_definition_id=session.definition.id,
@@ -64,10 +69,15 @@ def session_to_proto(session: Session) -> session_pb2.Session:
             attempt=task.attempt,
             agent_id=task.agent_id,
             error=task.error,
+            max_attempts=task.spec.retry_policy.max_attempts,
         )
+        reason, message = waiting.get(task.spec.task_id, (WaitingReason.UNSPECIFIED, ""))
+        t.waiting_reason = reason.value  # type: ignore[assignment]
+        t.waiting_message = message
         if task.output is not None:
             dict_to_struct(task.output, t.output)
         set_time(t.updated_at, task.updated_at)
+        set_time(t.ready_at, task.ready_at)
     set_time(msg.created_at, session.created_at)
     set_time(msg.updated_at, session.updated_at)
     set_time(msg.ended_at, session.ended_at)
@@ -84,5 +94,8 @@ def session_event_to_proto(event: SessionEvent) -> session_pb2.SessionEvent:
         agent_id=event.agent_id,
     )
     dict_to_struct(event.detail, msg.detail)
+    timeout = str(event.detail.get("timeout_type", ""))
+    if event.type is SessionEventType.TASK_TIMED_OUT and timeout in TimeoutType.__members__:
+        msg.timeout_type = TimeoutType[timeout].value  # type: ignore[assignment]
     set_time(msg.occurred_at, event.occurred_at)
     return msg

@@ -3,17 +3,23 @@ protobuf lets through (the definition's graph is judged by the domain)."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 from google.protobuf import duration_pb2
 from opspawn.opscore.v1 import workflow_pb2
 
 from opscore.api.convert.fields import RequestViolations, dict_to_struct, set_time, struct_to_dict
-from opscore.domain.workflows.definitions import RetryPolicy, TaskDefinition, WorkflowDefinition
+from opscore.domain.workflows.definitions import (
+    RetryPolicy,
+    TaskDefinition,
+    TaskTimeouts,
+    WorkflowDefinition,
+    resolve_timeouts,
+)
 from opscore.domain.workflows.engine import DefinitionSource
 from opscore.domain.workflows.session import Assignment
 from opscore.protocol.limits import (
-    DEFAULT_TASK_TIMEOUT_SECONDS,
     MAX_ERROR_MESSAGE_LENGTH,
     MAX_IN_FLIGHT,
     MAX_REQUEST_ID_LENGTH,
@@ -25,6 +31,7 @@ from opscore.protocol.validation import require_id
 from opscore.protocol.values import JsonObject
 
 DEFAULT_RETRY = RetryPolicy()
+TIMEOUT_NAMES = ("start_to_close", "heartbeat", "schedule_to_start")
 
 
 def _seconds(value: duration_pb2.Duration) -> float:
@@ -56,28 +63,57 @@ def retry_from_proto(task: workflow_pb2.TaskDefinition) -> RetryPolicy:
     )
 
 
+def _timeouts(msg: workflow_pb2.TaskTimeouts) -> TaskTimeouts:
+    def seconds(name: str) -> float | None:
+        return _seconds(getattr(msg, name)) if msg.HasField(name) else None  # type: ignore[arg-type]
+
+    return TaskTimeouts(
+        start_to_close=seconds("start_to_close"),
+        heartbeat=seconds("heartbeat"),
+        schedule_to_start=seconds("schedule_to_start"),
+    )
+
+
+def _task_timeouts(t: workflow_pb2.TaskDefinition) -> TaskTimeouts:
+    """A task's limits as written; the older `timeout` field is its heartbeat limit."""
+    written = _timeouts(t.timeouts)
+    if written.heartbeat is None and t.HasField("timeout"):
+        return dataclasses.replace(written, heartbeat=_seconds(t.timeout))
+    return written
+
+
+def _set_timeouts(limits: TaskTimeouts, out: workflow_pb2.TaskTimeouts) -> None:
+    for name, seconds in zip(TIMEOUT_NAMES, limits.items(), strict=True):
+        if seconds is not None:
+            _duration(seconds, getattr(out, name))
+
+
+def _task_from_proto(t: workflow_pb2.TaskDefinition, defaults: TaskTimeouts) -> TaskDefinition:
+    heartbeat, start_to_close, schedule_to_start = resolve_timeouts(_task_timeouts(t), defaults)
+    return TaskDefinition(
+        task_id=t.task_id,
+        name=t.name,
+        agent_capability=t.agent_capability,
+        parameters=struct_to_dict(t.parameters),
+        depends_on=tuple(t.depends_on),
+        next_task_id=t.next_task_id,
+        retry_policy=retry_from_proto(t),
+        timeout=heartbeat,
+        start_to_close=start_to_close,
+        schedule_to_start=schedule_to_start,
+    )
+
+
 def definition_from_proto(msg: workflow_pb2.WorkflowDefinition) -> WorkflowDefinition:
     """Structural conversion only; `definitions.validate` judges the result."""
+    defaults = _timeouts(msg.task_timeouts)
     return WorkflowDefinition(
         id=msg.id,
         name=msg.name,
         description=msg.description,
         version=msg.version,
-        tasks=tuple(
-            TaskDefinition(
-                task_id=t.task_id,
-                name=t.name,
-                agent_capability=t.agent_capability,
-                parameters=struct_to_dict(t.parameters),
-                depends_on=tuple(t.depends_on),
-                next_task_id=t.next_task_id,
-                retry_policy=retry_from_proto(t),
-                timeout=(
-                    _seconds(t.timeout) if t.HasField("timeout") else DEFAULT_TASK_TIMEOUT_SECONDS
-                ),
-            )
-            for t in msg.tasks
-        ),
+        task_timeouts=defaults,
+        tasks=tuple(_task_from_proto(t, defaults) for t in msg.tasks),
     )
 
 
@@ -100,6 +136,8 @@ def definition_to_proto(defn: WorkflowDefinition) -> workflow_pb2.WorkflowDefini
         _duration(t.retry_policy.initial_interval, policy.initial_interval)
         _duration(t.retry_policy.maximum_interval, policy.maximum_interval)
         _duration(t.timeout, task.timeout)
+        _set_timeouts(TaskTimeouts(t.start_to_close, t.timeout, t.schedule_to_start), task.timeouts)
+    _set_timeouts(defn.task_timeouts, msg.task_timeouts)
     set_time(msg.created_at, defn.created_at)
     return msg
 
@@ -117,6 +155,10 @@ def assignment_to_proto(a: Assignment, token: str) -> workflow_pb2.TaskAssignmen
     dict_to_struct(a.payload, msg.payload)
     set_time(msg.deadline, a.deadline)
     _duration(a.lease, msg.lease)
+    if a.attempt_deadline is not None and a.start_to_close is not None:
+        set_time(msg.attempt_deadline, a.attempt_deadline)
+        _duration(a.start_to_close, msg.start_to_close)
+    msg.max_attempts = a.max_attempts
     return msg
 
 
@@ -128,10 +170,20 @@ def _check_tasks(
 ) -> None:
     """What protobuf lets through but a definition must not hold: oversized or
     non-finite parameters, malformed durations."""
+    for name in TIMEOUT_NAMES:
+        v.duration(f"definition.task_timeouts.{name}", getattr(definition.task_timeouts, name))
     for i, task in enumerate(definition.tasks):
         where = f"definition.tasks[{i}]"
         v.payload(f"{where}.parameters", task.parameters, limits)
         v.duration(f"{where}.timeout", task.timeout)
+        for name in TIMEOUT_NAMES:
+            v.duration(f"{where}.timeouts.{name}", getattr(task.timeouts, name))
+        if (
+            task.HasField("timeout")
+            and task.timeouts.HasField("heartbeat")
+            and task.timeout != task.timeouts.heartbeat
+        ):
+            v.add(f"{where}.timeout", "differs from timeouts.heartbeat; set one of them")
         v.duration(f"{where}.retry_policy.initial_interval", task.retry_policy.initial_interval)
         v.duration(f"{where}.retry_policy.maximum_interval", task.retry_policy.maximum_interval)
         if not math.isfinite(task.retry_policy.backoff_coefficient):

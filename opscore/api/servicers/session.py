@@ -25,7 +25,8 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
         self, request: session_pb2.GetSessionRequest, context: Context
     ) -> session_pb2.Session:
         session_id = require_id("session_id", request.session_id)
-        return convert.session_to_proto(await self._sessions.get(session_id))
+        session = await self._sessions.get(session_id)
+        return convert.session_to_proto(session, self._engine.waiting(session))
 
     async def ListSessions(
         self, request: session_pb2.ListSessionsRequest, context: Context
@@ -33,7 +34,7 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
         flt = convert.session_filter(request)
         page = await self._sessions.list(flt, request.page_size, request.page_token)
         return session_pb2.ListSessionsResponse(
-            sessions=[convert.session_to_proto(s) for s in page.items],
+            sessions=[convert.session_to_proto(s, self._engine.waiting(s)) for s in page.items],
             next_page_token=page.next_page_token,
         )
 
@@ -41,7 +42,7 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
         self, request: session_pb2.CancelSessionRequest, context: Context
     ) -> session_pb2.Session:
         session = await self._engine.cancel(*convert.cancel_request(request))
-        return convert.session_to_proto(session)
+        return convert.session_to_proto(session, self._engine.waiting(session))
 
     async def ListSessionEvents(
         self, request: session_pb2.ListSessionEventsRequest, context: Context

@@ -61,7 +61,7 @@ class WorkflowServicer(workflow_pb2_grpc.WorkflowServiceServicer):
         self, request: workflow_pb2.StartWorkflowRequest, context: Context
     ) -> session_pb2.Session:
         session = await self._engine.start_session(*convert.start_request(request, self._limits))
-        return session_convert.session_to_proto(session)
+        return session_convert.session_to_proto(session, self._engine.waiting(session))
 
     async def StreamTasks(
         self, request: workflow_pb2.StreamTasksRequest, context: Context

@@ -19,13 +19,14 @@ from opscore.domain.agents.model import Agent, AgentEvent
 from opscore.domain.dispatch.matching import Claim, Offer
 from opscore.domain.dispatch.streams import TaskStream
 from opscore.domain.workflows.session import Assignment, Session, TaskKey
-from opscore.protocol.enums import AgentEventType, AgentState
+from opscore.protocol.enums import AgentEventType, AgentState, WaitingReason
 from opscore.protocol.errors import AgentNotFoundError, ResourceLimitError, ShuttingDownError
 
 log = logging.getLogger(__name__)
 
 # Agents in these states receive work (BUSY ones only into free max_in_flight slots).
 DISPATCHABLE = frozenset({AgentState.IDLE, AgentState.BUSY})
+UNDELIVERED = "agent disconnected before delivery"
 
 
 class Queue(Protocol):
@@ -33,7 +34,9 @@ class Queue(Protocol):
 
     async def claim(self, offers: list[Offer]) -> Claim: ...
 
-    async def requeue(self, keys: Iterable[TaskKey], reason: str, lost: bool) -> list[Session]: ...
+    async def requeue(self, keys: Iterable[TaskKey], reason: str) -> list[Session]: ...
+
+    async def undeliver(self, keys: Iterable[TaskKey], reason: str) -> list[Session]: ...
 
     async def requeue_agent(self, agent_id: str, reason: str) -> list[Session]: ...
 
@@ -99,7 +102,7 @@ class Dispatcher:
         stream.in_flight.clear()
         log.info("task stream closed", extra={"agent_id": stream.agent_id, "requeued": len(held)})
         if held and not self._closed:
-            self._spawn(self._queue.requeue(held, "agent disconnected", lost=True))
+            self._spawn(self._queue.requeue(held, "agent disconnected"))
 
     def follow(self, sessions: Iterable[Session]) -> None:
         """After sessions changed: frees the slots of attempts that ended, and wakes
@@ -136,6 +139,29 @@ class Dispatcher:
                 self._agents[agent_id] = event.agent
                 self.wake()
 
+    def waiting_reason(self, capability: str, pinned: str) -> tuple[WaitingReason, str]:
+        """Why a ready task needing `capability` (on agent `pinned`, when set) may not
+        be taken, as the open streams show it now."""
+        capable = [
+            (agent_id, streams)
+            for agent_id, streams in self._streams.items()
+            if (not pinned or agent_id == pinned)
+            and capability in self._agents[agent_id].capabilities
+            and self._agents[agent_id].state in DISPATCHABLE
+        ]
+        if not capable:
+            if pinned:
+                message = f"the session's agent {pinned!r} is not connected or takes no work"
+            else:
+                message = f"no connected agent with capability {capability!r} takes work"
+            return WaitingReason.NO_CAPABLE_AGENT, message
+        if any(s.closed is None and s.free_slots() > 0 for _, streams in capable for s in streams):
+            return WaitingReason.DISPATCHING, "a capable agent has a free slot"
+        return (
+            WaitingReason.AGENTS_BUSY,
+            f"all {len(capable)} connected agents with capability {capability!r} are busy",
+        )
+
     # -- eager dispatch ------------------------------------------------------------
 
     def reserve(self, ready: dict[str, str], pinned: str) -> tuple[TaskStream, str] | None:
@@ -165,7 +191,7 @@ class Dispatcher:
         if assignment is None:
             self._wake.set()
         elif stream.closed is not None:
-            self._spawn(self._queue.requeue([assignment.key], "agent disconnected", lost=False))
+            self._spawn(self._queue.undeliver([assignment.key], UNDELIVERED))
         else:
             self._deliver(stream, assignment)
 
@@ -217,9 +243,7 @@ class Dispatcher:
                 continue
             self._deliver(stream, assignment)
         if orphans:
-            self.follow(
-                await self._queue.requeue(orphans, "agent disconnected before delivery", lost=False)
-            )
+            self.follow(await self._queue.undeliver(orphans, UNDELIVERED))
 
     def _spawn(self, job: Awaitable[list[Session]]) -> None:
         """Runs a queue change in the background, then follows what it changed."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from opscore.protocol.limits import (
@@ -41,6 +41,27 @@ class RetryPolicy:
 
 
 @dataclass(frozen=True)
+class TaskTimeouts:
+    """Time limits in seconds as written (None: not set here)."""
+
+    start_to_close: float | None = None
+    heartbeat: float | None = None
+    schedule_to_start: float | None = None
+
+    def over(self, defaults: TaskTimeouts) -> TaskTimeouts:
+        """These limits, with the unset ones taken from `defaults`."""
+        return TaskTimeouts(
+            *(
+                mine if mine is not None else default
+                for mine, default in zip(self.items(), defaults.items(), strict=True)
+            )
+        )
+
+    def items(self) -> tuple[float | None, float | None, float | None]:
+        return self.start_to_close, self.heartbeat, self.schedule_to_start
+
+
+@dataclass(frozen=True)
 class TaskDefinition:
     task_id: str
     name: str
@@ -48,9 +69,29 @@ class TaskDefinition:
     parameters: dict[str, Any] = field(default_factory=dict)
     depends_on: tuple[str, ...] = ()
     retry_policy: RetryPolicy = RetryPolicy()
+    # The heartbeat timeout (lease) and the other limits, resolved against the
+    # workflow's task_timeouts (see `resolve_timeouts`).
     timeout: float = DEFAULT_TASK_TIMEOUT_SECONDS
+    start_to_close: float | None = None
+    schedule_to_start: float | None = None
     # Kept only to show the definition back as it was written.
     next_task_id: str = ""
+
+    def lease_end(self, now: datetime, attempt_deadline: datetime | None) -> datetime:
+        """Where a lease granted or extended at `now` ends: one heartbeat timeout on,
+        never past the attempt's start_to_close deadline."""
+        end = now + timedelta(seconds=self.timeout)
+        return end if attempt_deadline is None else min(end, attempt_deadline)
+
+
+def resolve_timeouts(
+    written: TaskTimeouts, defaults: TaskTimeouts
+) -> tuple[float, float | None, float | None]:
+    """A task's (heartbeat timeout, start_to_close, schedule_to_start): its own, else
+    the workflow's, else the server's (a 60s heartbeat timeout, no other limit)."""
+    limits = written.over(defaults)
+    heartbeat = DEFAULT_TASK_TIMEOUT_SECONDS if limits.heartbeat is None else limits.heartbeat
+    return heartbeat, limits.start_to_close, limits.schedule_to_start
 
 
 @dataclass(frozen=True)
@@ -61,6 +102,8 @@ class WorkflowDefinition:
     version: str
     tasks: tuple[TaskDefinition, ...]
     created_at: datetime | None = None
+    # Defaults for every task's limits, as written (already applied to the tasks).
+    task_timeouts: TaskTimeouts = TaskTimeouts()
 
     def dependencies(self) -> dict[str, set[str]]:
         """Each task's prerequisites: its depends_on plus every task whose
@@ -92,6 +135,12 @@ def validate(
         v.add("tasks", "a workflow needs at least one task")
     if len(defn.tasks) > max_tasks:
         v.add("tasks", f"at most {max_tasks} tasks")
+    for name, value in zip(
+        ("start_to_close", "heartbeat", "schedule_to_start"),
+        defn.task_timeouts.items(),
+        strict=True,
+    ):
+        _check_timeout(v, f"task_timeouts.{name}", value)
 
     index: dict[str, int] = {}
     for i, task in enumerate(defn.tasks):
@@ -108,8 +157,9 @@ def validate(
                 f"{where}.agent_capability", task.agent_capability, max_len=MAX_CAPABILITY_LENGTH
             )
         v.text(f"{where}.name", task.name, max_len=MAX_NAME_LENGTH)
-        if not 0 < task.timeout <= MAX_DURATION_SECONDS:
-            v.add(f"{where}.timeout", f"must be more than 0s and at most {MAX_DURATION_SECONDS}s")
+        _check_timeout(v, f"{where}.timeout", task.timeout)
+        _check_timeout(v, f"{where}.timeouts.start_to_close", task.start_to_close)
+        _check_timeout(v, f"{where}.timeouts.schedule_to_start", task.schedule_to_start)
         _check_retry(v, f"{where}.retry_policy", task.retry_policy)
 
     for i, task in enumerate(defn.tasks):
@@ -134,6 +184,11 @@ def validate(
     if cycle:
         v.add(f"tasks[{index[cycle[0]]}]", "tasks form a cycle: " + " -> ".join([*cycle, cycle[0]]))
     v.raise_if_any()
+
+
+def _check_timeout(v: Violations, path: str, seconds: float | None) -> None:
+    if seconds is not None and not 0 < seconds <= MAX_DURATION_SECONDS:
+        v.add(path, f"must be more than 0s and at most {MAX_DURATION_SECONDS}s")
 
 
 def _check_retry(v: Violations, path: str, policy: RetryPolicy) -> None:

@@ -24,6 +24,7 @@ from opscore.domain.workflows.definitions import WorkflowDefinition
 from opscore.domain.workflows.queue import TaskQueue
 from opscore.domain.workflows.session import Assignment, Session
 from opscore.domain.workflows.tokens import TaskTokens
+from opscore.protocol.enums import WaitingReason
 from opscore.protocol.errors import (
     InvalidArgumentError,
     InvalidStateError,
@@ -79,9 +80,10 @@ class WorkflowEngine:
         self._tokens: TaskTokens | None = None
 
     async def start(self) -> None:
-        """Loads the token key and re-queues attempts leased before a restart."""
+        """Loads the token key. Attempts leased before a restart keep their leases: their
+        agents may still be working and answer within them (or reconnect and heartbeat);
+        an attempt whose agent does not come back times out like any other."""
         self._tokens = TaskTokens(await self._store.secret("task_tokens"))
-        self._dispatcher.follow(await self._queue.requeue_all_leased("server restarted"))
 
     @property
     def tokens(self) -> TaskTokens:
@@ -159,6 +161,7 @@ class WorkflowEngine:
         if booked is not None:
             stream, task_id = booked
             eager = session.dispatch(task_id, stream.agent_id, now)
+        session.note_waiting(self._queue.explain)
         try:
             stored, created = await self._store.create_session(session)
         except BaseException:
@@ -206,7 +209,7 @@ class WorkflowEngine:
 
         def change(session: Session) -> None:
             session.check_owner(key, caller)
-            session.complete(key, output, now)
+            session.complete(key, output, now, self._queue.rng)
 
         await self._change(key.session_id, change)
 
@@ -226,19 +229,32 @@ class WorkflowEngine:
 
         def change(session: Session) -> tuple[bool, datetime | None]:
             session.check_owner(key, caller)
-            return session.heartbeat(key, now)
+            return session.heartbeat(key, now, self._queue.rng)
 
         return await self._change(key.session_id, change)
 
     async def tick(self) -> None:
-        """The scheduler's job: expires leases and wakes the dispatcher for retries
-        whose backoff has passed."""
+        """The scheduler's job: ends what ran out of time and wakes the dispatcher for
+        retries whose backoff has passed."""
         try:
-            self._dispatcher.follow(await self._queue.expire_leases())
+            self._dispatcher.follow(await self._queue.time_out())
         finally:
             self._dispatcher.wake()
 
     async def _change(self, session_id: str, change: Callable[[Session], R]) -> R:
+        """One answer's transaction; a refused answer is raised once the transaction
+        that recorded the refusal (and any timeout) has committed."""
         result, session = await self._queue.change(session_id, change)
         self._dispatcher.follow([session])
+        if session.refusal is not None:
+            raise session.refusal
         return result
+
+    def waiting(self, session: Session) -> dict[str, tuple[WaitingReason, str]]:
+        """Why each task of the session waits, now (UNSPECIFIED: it does not)."""
+        now = self._clock.now()
+        return {
+            task_id: task.waiting_at(now)
+            or self._dispatcher.waiting_reason(task.spec.agent_capability, session.agent_id)
+            for task_id, task in session.tasks.items()
+        }

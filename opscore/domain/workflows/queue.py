@@ -13,7 +13,8 @@ from typing import TypeVar
 
 from opscore.domain.clock import Clock
 from opscore.domain.dispatch.matching import Claim, Offer
-from opscore.domain.workflows.session import Session, TaskKey
+from opscore.domain.workflows.session import Explain, Session, TaskKey
+from opscore.protocol.enums import WaitingReason
 from opscore.protocol.errors import SessionNotFoundError
 from opscore.store.base import Store
 
@@ -27,9 +28,18 @@ class TaskQueue:
         self._store = store
         self._clock = clock
         self.rng = rng or random.Random()
+        # Why a ready task waits; the composition root sets the dispatcher's view.
+        self.explain: Explain = lambda capability, pinned: (WaitingReason.UNSPECIFIED, "")
 
     async def change(self, session_id: str, change: Callable[[Session], R]) -> tuple[R, Session]:
-        return await self._store.change_session(session_id, change)
+        """Applies `change` in one transaction; tasks it queued say why they may wait."""
+
+        def noted(session: Session) -> R:
+            result = change(session)
+            session.note_waiting(self.explain)
+            return result
+
+        return await self._store.change_session(session_id, noted)
 
     async def claim(self, offers: list[Offer]) -> Claim:
         now = self._clock.now()
@@ -37,33 +47,39 @@ class TaskQueue:
             offers, now, lambda session, task_id, agent_id: session.dispatch(task_id, agent_id, now)
         )
 
-    async def requeue(self, keys: Iterable[TaskKey], reason: str, lost: bool) -> list[Session]:
-        """Puts leased attempts back at once: their agent was lost (`lost`: counts as
-        a failed attempt) or the server restarted (does not)."""
+    async def requeue(self, keys: Iterable[TaskKey], reason: str) -> list[Session]:
+        """Puts leased attempts back at once: their agent was lost (a failed attempt)."""
         now = self._clock.now()
 
         def requeuer(key: TaskKey) -> Callable[[Session], None]:
-            return lambda session: session.requeue(key.task_id, key.attempt, reason, now, lost)
+            return lambda session: session.requeue(key.task_id, key.attempt, reason, now)
 
         return await self._change_each(keys, requeuer)
 
     async def requeue_agent(self, agent_id: str, reason: str) -> list[Session]:
-        return await self.requeue(await self._store.leased_tasks(agent_id), reason, lost=True)
+        return await self.requeue(await self.leased(agent_id), reason)
 
-    async def requeue_all_leased(self, reason: str) -> list[Session]:
-        """At start: attempts leased before a restart (their streams died with it)."""
-        leased = await self._store.leased_tasks()
-        if leased:
-            log.warning("re-queueing tasks leased before restart", extra={"count": len(leased)})
-        return await self.requeue(leased, reason, lost=False)
+    async def leased(self, agent_id: str) -> list[TaskKey]:
+        """The attempts the agent holds: a new stream of its adopts them."""
+        return await self._store.leased_tasks(agent_id)
 
-    async def expire_leases(self) -> list[Session]:
+    async def undeliver(self, keys: Iterable[TaskKey], reason: str) -> list[Session]:
+        """Takes back attempts committed for a stream that closed before delivery."""
         now = self._clock.now()
 
-        def expirer(key: TaskKey) -> Callable[[Session], None]:
-            return lambda session: session.expire_lease(key.task_id, now, self.rng)
+        def taker(key: TaskKey) -> Callable[[Session], None]:
+            return lambda session: session.undeliver(key.task_id, key.attempt, reason, now)
 
-        return await self._change_each(await self._store.expired_leases(now), expirer)
+        return await self._change_each(keys, taker)
+
+    async def time_out(self) -> list[Session]:
+        """Ends attempts and waits whose time limits ran out."""
+        now = self._clock.now()
+
+        def timer(key: TaskKey) -> Callable[[Session], None]:
+            return lambda session: session.time_out(key.task_id, now, self.rng)
+
+        return await self._change_each(await self._store.timed_out_tasks(now), timer)
 
     async def _change_each(
         self, keys: Iterable[TaskKey], change: Callable[[TaskKey], Callable[[Session], None]]

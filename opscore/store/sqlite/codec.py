@@ -9,8 +9,13 @@ import json
 from datetime import datetime
 from typing import Any
 
-from opscore.domain.agents.model import Agent
-from opscore.domain.workflows.definitions import RetryPolicy, TaskDefinition, WorkflowDefinition
+from opscore.domain.agents.model import Agent, AgentGrant
+from opscore.domain.workflows.definitions import (
+    RetryPolicy,
+    TaskDefinition,
+    TaskTimeouts,
+    WorkflowDefinition,
+)
 from opscore.protocol.enums import AgentState
 from opscore.protocol.values import epoch_micros, from_epoch_micros
 
@@ -21,7 +26,7 @@ def dumps(value: Any) -> str:
 
 AGENT_COLUMNS = (
     "agent_id, name, version, capabilities, contact_endpoint, metadata, state, state_details, "
-    "registered_at, state_updated_at, last_heartbeat_at, state_observed_at, revision"
+    "registered_at, state_updated_at, last_heartbeat_at, state_observed_at, revision, granted"
 )
 
 
@@ -32,6 +37,7 @@ def assignments(columns: str) -> str:
 
 # agent_to_row without its first column (agent_id), as an UPDATE's SET clause.
 AGENT_STATE_ASSIGNMENTS = assignments(AGENT_COLUMNS.split(",", 1)[1])
+AGENT_PLACEHOLDERS = ", ".join("?" * len(AGENT_COLUMNS.split(",")))
 
 
 def agent_to_row(agent: Agent) -> tuple[Any, ...]:
@@ -49,10 +55,26 @@ def agent_to_row(agent: Agent) -> tuple[Any, ...]:
         epoch_micros(agent.last_heartbeat_at),
         None if agent.state_observed_at is None else epoch_micros(agent.state_observed_at),
         agent.revision,
+        None if agent.grant is None else grant_to_json(agent.grant),
     )
 
 
+def grant_to_json(grant: AgentGrant) -> str:
+    return dumps(
+        {"name": grant.name, "version": grant.version, "capabilities": sorted(grant.capabilities)}
+    )
+
+
+def grant_from_json(text: str | None) -> AgentGrant | None:
+    if text is None:
+        return None
+    body = json.loads(text)
+    return AgentGrant(body["name"], body["version"], frozenset(body["capabilities"]))
+
+
 def agent_from_row(row: tuple[Any, ...]) -> Agent:
+    """A row of AGENT_COLUMNS, or an event snapshot (those written before grants were
+    stored lack the last column)."""
     return Agent(
         agent_id=row[0],
         name=row[1],
@@ -67,6 +89,7 @@ def agent_from_row(row: tuple[Any, ...]) -> Agent:
         last_heartbeat_at=from_epoch_micros(row[10]),
         state_observed_at=None if row[11] is None else from_epoch_micros(row[11]),
         revision=row[12],
+        grant=grant_from_json(row[13]) if len(row) > 13 else None,
     )
 
 
@@ -107,6 +130,7 @@ def definition_from_dict(body: dict[str, Any]) -> WorkflowDefinition:
         version=body["version"],
         tasks=tasks,
         created_at=None if created is None else from_epoch_micros(created),
+        task_timeouts=TaskTimeouts(**body.get("task_timeouts", {})),
     )
 
 

@@ -117,6 +117,22 @@ MIGRATIONS: list[str] = [
         sha256 TEXT NOT NULL UNIQUE
     );
     """,
+    # 4: task time limits: the end of an attempt's start_to_close timeout, and how
+    # long a ready task may wait for an agent (schedule_to_start).
+    """
+    ALTER TABLE tasks ADD COLUMN attempt_deadline INTEGER;
+    ALTER TABLE tasks ADD COLUMN wait_deadline INTEGER;
+    CREATE INDEX tasks_waiting ON tasks (wait_deadline) WHERE wait_deadline IS NOT NULL;
+    """,
+    # 5: each agent's grant, what an operator registered it as (name, version,
+    # capabilities): the most its own token may re-register it as. Agents registered
+    # before grants existed are granted what they are registered as now.
+    """
+    ALTER TABLE agents ADD COLUMN granted TEXT;
+    UPDATE agents SET granted = json_object(
+        'name', name, 'version', version, 'capabilities', json(capabilities)
+    );
+    """,
 ]
 
 

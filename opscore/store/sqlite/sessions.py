@@ -40,7 +40,7 @@ SESSION_COLUMNS = (
 # The columns of a task row that change as its session goes on (see _task_state).
 TASK_STATE = (
     "status, attempt, failures, agent_id, output, error, ended_by, ready_at, "
-    "lease_expires_at, updated_at"
+    "lease_expires_at, updated_at, attempt_deadline, wait_deadline"
 )
 TASK_COLUMNS = f"task_id, {TASK_STATE}"
 TASK_STATE_ASSIGNMENTS = assignments(TASK_STATE)
@@ -88,6 +88,8 @@ def session_from_rows(conn: sqlite3.Connection, row: Sequence[Any]) -> Session:
             ready_at=optional_from_micros(t[8]),
             lease_expires_at=optional_from_micros(t[9]),
             updated_at=optional_from_micros(t[10]),
+            attempt_deadline=optional_from_micros(t[11]),
+            wait_deadline=optional_from_micros(t[12]),
         )
     return session
 
@@ -147,6 +149,8 @@ def _task_state(session: Session, task: SessionTask) -> tuple[Any, ...]:
         optional_micros(task.ready_at),
         optional_micros(task.lease_expires_at),
         epoch_micros(task.updated_at or session.created_at),
+        optional_micros(task.attempt_deadline),
+        optional_micros(task.wait_deadline),
     )
 
 
@@ -159,7 +163,7 @@ def _write_changes(conn: sqlite3.Connection, session: Session, new: bool = False
         positions = {t.task_id: i for i, t in enumerate(session.definition.tasks)}
         conn.executemany(
             "INSERT INTO tasks (session_id, task_id, position, capability, pinned_agent, "
-            f"{TASK_STATE}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            f"{TASK_STATE}) VALUES ({', '.join('?' * (5 + TASK_STATE.count(',') + 1))})",
             [
                 (
                     session.session_id,
@@ -293,11 +297,15 @@ def _claimed(
     return Claim(claimed, list(sessions.values()), frozenset(maybe_exhausted))
 
 
-def expired_leases(conn: sqlite3.Connection, now: datetime) -> list[TaskKey]:
+def timed_out_tasks(conn: sqlite3.Connection, now: datetime) -> list[TaskKey]:
+    """Attempts whose lease ran out, and ready tasks that waited out their
+    schedule_to_start limit."""
     rows = conn.execute(
         "SELECT session_id, task_id, attempt FROM tasks "
-        "WHERE lease_expires_at IS NOT NULL AND lease_expires_at <= ?",
-        (epoch_micros(now),),
+        "WHERE lease_expires_at IS NOT NULL AND lease_expires_at <= ? "
+        "UNION ALL SELECT session_id, task_id, attempt FROM tasks "
+        "WHERE wait_deadline IS NOT NULL AND wait_deadline <= ?",
+        (epoch_micros(now), epoch_micros(now)),
     ).fetchall()
     return [TaskKey(*r) for r in rows]
 

@@ -161,8 +161,8 @@ class SqliteStore(Store):
             lambda conn, events: sessions_sql.claim_tasks(conn, events, offers, now, dispatch)
         )
 
-    async def expired_leases(self, now: datetime) -> list[TaskKey]:
-        return await self._db.read(lambda conn: sessions_sql.expired_leases(conn, now))
+    async def timed_out_tasks(self, now: datetime) -> list[TaskKey]:
+        return await self._db.read(lambda conn: sessions_sql.timed_out_tasks(conn, now))
 
     async def leased_tasks(self, agent_id: str | None = None) -> list[TaskKey]:
         return await self._db.read(lambda conn: sessions_sql.leased_tasks(conn, agent_id))

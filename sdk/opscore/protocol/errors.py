@@ -82,6 +82,11 @@ class TaskDispatchError(OpsCoreError):
     """A task token or attempt is not (or no longer) valid."""
 
 
+class AttemptEndedError(TaskDispatchError):
+    """An answer for an attempt that was superseded, ended otherwise, or ran out of
+    time; the session's history records the refusal."""
+
+
 class RevisionCompactedError(OpsCoreError):
     """A watch asked for history older than the retained events."""
 
@@ -124,6 +129,11 @@ class RateLimitedError(ResourceLimitError):
 
 class StorageError(OpsCoreError):
     """The store failed; nothing was committed."""
+
+
+class DataLossError(OpsCoreError):
+    """The store's data is corrupt (SQLite: a malformed page). Not a StorageError:
+    retrying cannot help, an operator must restore the database from a backup."""
 
 
 class ConfigurationError(OpsCoreError):

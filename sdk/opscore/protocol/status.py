@@ -23,6 +23,7 @@ STATUS_TABLE: dict[type[errors.OpsCoreError], tuple[grpc.StatusCode, str]] = {
     errors.InvalidStateError: (grpc.StatusCode.FAILED_PRECONDITION, "INVALID_STATE"),
     errors.RegistrationError: (grpc.StatusCode.ALREADY_EXISTS, "REGISTRATION_CONFLICT"),
     errors.WorkflowDefinitionError: (grpc.StatusCode.ALREADY_EXISTS, "WORKFLOW_DEFINITION_EXISTS"),
+    errors.AttemptEndedError: (grpc.StatusCode.FAILED_PRECONDITION, "ATTEMPT_ENDED"),
     errors.TaskDispatchError: (grpc.StatusCode.FAILED_PRECONDITION, "TASK_TOKEN_INVALID"),
     errors.RevisionCompactedError: (grpc.StatusCode.OUT_OF_RANGE, "REVISION_COMPACTED"),
     errors.WatcherTooSlowError: (grpc.StatusCode.RESOURCE_EXHAUSTED, "WATCHER_TOO_SLOW"),
@@ -32,6 +33,7 @@ STATUS_TABLE: dict[type[errors.OpsCoreError], tuple[grpc.StatusCode, str]] = {
     errors.RateLimitedError: (grpc.StatusCode.RESOURCE_EXHAUSTED, "RATE_LIMITED"),
     errors.ResourceLimitError: (grpc.StatusCode.RESOURCE_EXHAUSTED, "LIMIT_REACHED"),
     errors.StorageError: (grpc.StatusCode.UNAVAILABLE, "STORAGE_UNAVAILABLE"),
+    errors.DataLossError: (grpc.StatusCode.DATA_LOSS, "DATA_LOSS"),
     errors.ConfigurationError: (grpc.StatusCode.INTERNAL, "CONFIGURATION_ERROR"),
     errors.OpsCoreError: (grpc.StatusCode.INTERNAL, "INTERNAL"),
 }
