@@ -19,7 +19,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from opscore.protocol.enums import AgentEventType
+from opscore.protocol.enums import AgentEventType, WaitingReason
 from opscore.protocol.errors import InvalidArgumentError, OpsCoreError, UnauthenticatedError
 from opscore.sdk import DeadlineExceededError, UnavailableError
 from opscore.sdk.types import (
@@ -27,6 +27,7 @@ from opscore.sdk.types import (
     AgentEvent,
     Session,
     SessionEvent,
+    SessionTask,
     WorkflowDefinition,
 )
 
@@ -363,12 +364,19 @@ def session_tasks(s: Session) -> Table:
             t.task_id,
             t.agent_capability,
             badge(t.status),
-            str(t.attempt),
+            f"{t.attempt}/{t.max_attempts}" if t.max_attempts else str(t.attempt),
             t.agent_id,
             when(t.updated_at),
-            Text(t.error, style="red") if t.error else compact(t.output),
+            _task_result(t),
         )
     return table
+
+
+def _task_result(t: SessionTask) -> RenderableType:
+    """What came of the task, or why it still waits."""
+    if t.waiting_reason is not WaitingReason.UNSPECIFIED:
+        return Text(f"waiting: {t.waiting_message}", style="magenta")
+    return Text(t.error, style="red") if t.error else compact(t.output)
 
 
 def session_view(s: Session) -> RenderableType:

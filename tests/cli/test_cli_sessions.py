@@ -54,6 +54,9 @@ async def test_list_get_events_and_cancel(cli: Cli) -> None:
         ("step_1", "PENDING"),
         ("step_2", "PENDING"),
     ]
+    waiting = one["tasks"][0]
+    assert (waiting["waiting_reason"], waiting["max_attempts"]) == ("NO_CAPABLE_AGENT", 3)
+    assert one["tasks"][1]["waiting_reason"] == "DEPENDENCIES"
     assert [(e["sequence"], e["type"]) for e in history] == [(1, "CREATED"), (2, "TASK_QUEUED")]
     assert history[1]["task_id"] == "step_1"
 
@@ -64,6 +67,8 @@ async def test_list_get_events_and_cancel(cli: Cli) -> None:
     )
     assert ids[0] in table.out and ids[1] in table.out and "PENDING" in table.out
     assert "step_2" in view.out and '{"n": 1}' in view.out
+    assert "waiting: no connected agent with capability 'test_capability'" in view.out
+    assert "0/3" in view.out
     assert "TASK_QUEUED" in events.out and "step_1" in events.out
 
     cancelled, said = await asyncio.gather(

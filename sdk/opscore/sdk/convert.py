@@ -18,6 +18,8 @@ from opscore.protocol.enums import (
     SessionEventType,
     SessionStatus,
     TaskStatus,
+    TimeoutType,
+    WaitingReason,
 )
 from opscore.protocol.errors import InvalidArgumentError
 from opscore.sdk import types
@@ -194,6 +196,10 @@ def session(msg: session_pb2.Session) -> types.Session:
                 output=from_struct(t.output) if t.HasField("output") else None,
                 error=t.error,
                 updated_at=_time(t, "updated_at"),
+                waiting_reason=WaitingReason(t.waiting_reason),
+                waiting_message=t.waiting_message,
+                ready_at=_time(t, "ready_at"),
+                max_attempts=t.max_attempts,
             )
             for t in msg.tasks
         ),
@@ -213,6 +219,7 @@ def session_event(msg: session_pb2.SessionEvent) -> types.SessionEvent:
         agent_id=msg.agent_id,
         detail=from_struct(msg.detail),
         occurred_at=_required_time(msg, "occurred_at"),
+        timeout_type=TimeoutType(msg.timeout_type),
     )
 
 
@@ -228,6 +235,13 @@ def task_assignment(msg: workflow_pb2.TaskAssignment) -> types.TaskAssignment:
         attempt=msg.attempt,
         deadline=_required_time(msg, "deadline"),
         lease=msg.lease.ToTimedelta().total_seconds(),
+        attempt_deadline=_time(msg, "attempt_deadline"),
+        start_to_close=(
+            msg.start_to_close.ToTimedelta().total_seconds()
+            if msg.HasField("start_to_close")
+            else None
+        ),
+        max_attempts=msg.max_attempts,
     )
 
 

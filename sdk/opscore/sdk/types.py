@@ -17,6 +17,8 @@ from opscore.protocol.enums import (
     SessionEventType,
     SessionStatus,
     TaskStatus,
+    TimeoutType,
+    WaitingReason,
 )
 from opscore.protocol.values import JsonObject
 
@@ -100,6 +102,12 @@ class SessionTask:
     output: JsonObject | None
     error: str
     updated_at: datetime | None
+    # Why a PENDING or RETRY_WAIT task waits (UNSPECIFIED otherwise), and when it
+    # became (or, after a retry backoff, becomes) ready.
+    waiting_reason: WaitingReason = WaitingReason.UNSPECIFIED
+    waiting_message: str = ""
+    ready_at: datetime | None = None
+    max_attempts: int = 0
 
 
 @dataclass(frozen=True)
@@ -143,6 +151,8 @@ class SessionEvent:
     agent_id: str
     detail: JsonObject
     occurred_at: datetime
+    # For TASK_TIMED_OUT: which time limit ran out.
+    timeout_type: TimeoutType = TimeoutType.UNSPECIFIED
 
     @property
     def terminal(self) -> bool:
@@ -165,6 +175,12 @@ class TaskAssignment:
     deadline: datetime
     # Seconds each heartbeat extends the lease by (0 from servers that don't say).
     lease: float = 0.0
+    # The start_to_close limit: its end (server time) and its length in seconds;
+    # None when the task has none.
+    attempt_deadline: datetime | None = None
+    start_to_close: float | None = None
+    # Attempts the retry policy allows in all (0 from servers that don't say).
+    max_attempts: int = 0
 
     @property
     def parameters(self) -> JsonObject:
