@@ -403,18 +403,29 @@ class StreamTasksRequest(_message.Message):
 
     AGENT_ID_FIELD_NUMBER: _builtins.int
     MAX_IN_FLIGHT_FIELD_NUMBER: _builtins.int
+    HELD_TASK_TOKENS_FIELD_NUMBER: _builtins.int
     agent_id: _builtins.str
     max_in_flight: _builtins.int
     """Tasks this agent runs at once (default 1)."""
+    @_builtins.property
+    def held_task_tokens(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Task tokens of the attempts this agent is still working on, when it
+        reconnects (after a lost connection or a server restart). The new stream
+        takes them over, so their answers are accepted within their leases; attempts
+        the store says this agent holds but it does not list go back to the queue
+        under the same attempt number (they never reached a handler).
+        """
+
     def __init__(
         self,
         *,
         agent_id: _builtins.str = ...,
         max_in_flight: _builtins.int = ...,
+        held_task_tokens: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "max_in_flight", b"max_in_flight"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "held_task_tokens", b"held_task_tokens", "max_in_flight", b"max_in_flight"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
