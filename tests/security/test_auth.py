@@ -1,5 +1,6 @@
-"""Authentication and authorization: operator keys with roles, agent tokens, and the
-RULES table of opscore.api.interceptors.auth enforced on every RPC."""
+"""Authentication and authorization: operator keys with roles, agent tokens and their
+grants, and the RULES table of opscore.api.interceptors.auth (the matrix of every RPC
+and credential kind is in test_auth_matrix.py)."""
 
 from __future__ import annotations
 
@@ -26,13 +27,12 @@ from security_support import (
     SERVICES,
     STREAM_OPEN,
     Keys,
-    Method,
     bearer,
     outcome,
     write_keys_file,
 )
 
-from opscore.api.interceptors.auth import RULES, Rule
+from opscore.api.interceptors.auth import RULES
 from opscore.domain.access import AGENT_TOKEN_PREFIX, OPERATOR_KEY_PREFIX, Role, new_secret
 from opscore.domain.clock import FakeClock
 from opscore.server.config import Settings
@@ -182,43 +182,6 @@ def test_rules_cover_every_rpc() -> None:
     assert paths == set(RULES), (
         f"no rule: {sorted(paths - set(RULES))}; no rpc: {sorted(set(RULES) - paths)}"
     )
-
-
-def _agent_request(method: Method, agent_id: str) -> Any:
-    request = method.request(**BENIGN.get(method.name, {}))
-    if "agent_id" in method.request.DESCRIPTOR.fields_by_name:
-        request.agent_id = agent_id
-    return request
-
-
-@pytest.mark.parametrize("method", METHODS, ids=str)
-async def test_rules_enforced_for_every_role(
-    chan: grpc.aio.Channel, keys: Keys, agents: Agents, method: Method
-) -> None:
-    """Each role (admin, operator, viewer, agent) is allowed or PERMISSION_DENIED on each
-    RPC exactly as access.RULES says; an agent only for itself or its own tasks."""
-    rule: Rule = RULES.get(method.path, Rule(frozenset()))
-    problems = []
-    for role in OPERATOR_ROLES:
-        request = method.request(**BENIGN.get(method.name, {}))
-        result = await outcome(chan, method, request, bearer(keys[role]))
-        allowed = role in rule.roles
-        if allowed == result.denied or result.code == UNAUTH:
-            problems.append(
-                f"{role.value}: expected {'allowed' if allowed else 'DENIED'}, {result}"
-            )
-    # An agent naming another agent (denied first: calling for itself may deregister it).
-    has_agent_id = "agent_id" in method.request.DESCRIPTOR.fields_by_name
-    cases = [("agent-b", rule.agent_tasks)] if has_agent_id else []
-    cases.append(("agent-a", rule.agent_tasks or (rule.agent_self and has_agent_id)))
-    for target, allowed in cases:
-        request = _agent_request(method, target)
-        result = await outcome(chan, method, request, agents.md("agent-a"))
-        if allowed == result.denied or result.code == UNAUTH:
-            problems.append(
-                f"agent-a naming {target}: expected {'allowed' if allowed else 'DENIED'}, {result}"
-            )
-    assert not problems, f"{method.name}: " + "; ".join(problems)
 
 
 # --------------------------------------------------------------------------- open services
@@ -379,13 +342,11 @@ async def test_rotation_ends_open_task_stream_access(agents: Agents) -> None:
     )
 
 
-@pytest.mark.parametrize("by", ["admin", "agent-itself"])
-async def test_deregistration_revokes_the_agent_token(agents: Agents, by: str) -> None:
+async def test_deregistration_revokes_the_agent_token(agents: Agents) -> None:
     """A deregistered agent's token is UNAUTHENTICATED, also after re-registration."""
     lc = agents.lifecycle
     a = agents.md("agent-a")
-    who = agents.admin if by == "admin" else a
-    await lc.DeregisterAgent(L.DeregisterAgentRequest(agent_id="agent-a"), metadata=who)
+    await lc.DeregisterAgent(L.DeregisterAgentRequest(agent_id="agent-a"), metadata=agents.admin)
     await fails(lc.Heartbeat(L.HeartbeatRequest(agent_id="agent-a"), metadata=a), UNAUTH)
     again = await lc.RegisterAgent(
         L.RegisterAgentRequest(agent_id="agent-a", name="agent-a", capabilities=["work"]),
@@ -417,6 +378,162 @@ async def test_agent_tokens_survive_restart(
         hb = L.HeartbeatRequest(agent_id="agent-a")
         await lc.Heartbeat(hb, metadata=bearer(rotated.agent_token))
         await fails(lc.Heartbeat(hb, metadata=bearer(old)), UNAUTH)
+
+
+# --------------------------------------------------------------------------- agent grants
+
+
+def registration(agent_id: str, *capabilities: str, **fields: Any) -> L.RegisterAgentRequest:
+    return L.RegisterAgentRequest(
+        agent_id=agent_id, name=fields.pop("name", agent_id), capabilities=capabilities, **fields
+    )
+
+
+async def record(agents: Agents, agent_id: str) -> L.Agent:
+    return await agents.lifecycle.GetAgent(
+        L.GetAgentRequest(agent_id=agent_id), metadata=agents.viewer
+    )
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"capabilities": ("work", "other")},
+        {"capabilities": ("other",)},
+        {"capabilities": ("work",), "name": "renamed"},
+        {"capabilities": ("work",), "version": "2"},
+    ],
+    ids=["extra-capability", "other-capability", "name", "version"],
+)
+async def test_agent_may_not_register_itself_beyond_its_grant(
+    agents: Agents, change: dict[str, Any]
+) -> None:
+    """With its own token, agent A may not add a capability or change its name or
+    version: PERMISSION_DENIED saying an operator must, and its record is unchanged."""
+    lc, a = agents.lifecycle, agents.md("agent-a")
+    before = await record(agents, "agent-a")
+    fields = dict(change)
+    err = await fails(
+        lc.RegisterAgent(
+            registration("agent-a", *fields.pop("capabilities"), **fields), metadata=a
+        ),
+        DENIED,
+    )
+    assert "an operator must register" in (err.details() or "")
+    assert await record(agents, "agent-a") == before
+
+
+async def test_widened_agent_receives_no_task_of_another_capability(agents: Agents) -> None:
+    """The reported attack: A tries to take on B's capability, then a task of it is
+    started while A's task stream is open; the task still goes to B."""
+    lc, wf, a = agents.lifecycle, agents.workflow, agents.md("agent-a")
+    await fails(lc.RegisterAgent(registration("agent-a", "work", "other"), metadata=a), DENIED)
+    a_stream = wf.StreamTasks(W.StreamTasksRequest(agent_id="agent-a"), metadata=a)
+    b_stream = None
+    try:
+        definition = W.WorkflowDefinition(
+            id="steal",
+            version="1",
+            tasks=[W.TaskDefinition(task_id="t", name="t", agent_capability="other")],
+        )
+        session = await wf.StartWorkflow(
+            W.StartWorkflowRequest(definition=definition), metadata=agents.operator
+        )
+        b_stream = wf.StreamTasks(
+            W.StreamTasksRequest(agent_id="agent-b"), metadata=agents.md("agent-b")
+        )
+        task = await first_assignment(b_stream)
+        assert task.session_id == session.session_id
+        assert (await record(agents, "agent-a")).capabilities == ["work"]
+    finally:
+        a_stream.cancel()
+        if b_stream is not None:
+            b_stream.cancel()
+
+
+async def test_agent_may_narrow_and_widen_again_within_its_grant(agents: Agents) -> None:
+    """Granted "a", "b" and "c": the agent re-registers as "a" alone, then as all
+    three again (the grant is stored, not the current record), with new metadata;
+    a fourth capability is refused."""
+    lc = agents.lifecycle
+    granted = await lc.RegisterAgent(
+        registration("agent-c", "a", "b", "c", version="1"), metadata=agents.operator
+    )
+    c = bearer(granted.agent_token)
+    narrowed = await lc.RegisterAgent(registration("agent-c", "a", version="1"), metadata=c)
+    assert list(narrowed.capabilities) == ["a"]
+    widened = await lc.RegisterAgent(
+        registration(
+            "agent-c", "c", "b", "a", version="1", metadata={"pid": "7"}, contact_endpoint="h:1"
+        ),
+        metadata=c,
+    )
+    assert list(widened.capabilities) == ["c", "b", "a"]
+    assert dict(widened.metadata) == {"pid": "7"} and widened.contact_endpoint == "h:1"
+    assert widened.agent_token == "", "re-registration issues no token"
+    again = await lc.RegisterAgent(
+        registration(
+            "agent-c", "c", "b", "a", version="1", metadata={"pid": "7"}, contact_endpoint="h:1"
+        ),
+        metadata=c,
+    )
+    assert again.revision == widened.revision, "an identical retry changes nothing"
+    await fails(
+        lc.RegisterAgent(registration("agent-c", "a", "d", version="1"), metadata=c), DENIED
+    )
+    assert (await record(agents, "agent-c")).revision == widened.revision
+
+
+async def test_operator_registration_sets_the_grant(agents: Agents) -> None:
+    """An operator's re-registration is the new grant, narrower or wider: after one
+    with "work" alone the agent may not go back to "work" + "more", after one with
+    "more" it may."""
+    lc, a = agents.lifecycle, agents.md("agent-a")
+    wider = registration("agent-a", "work", "more")
+    await fails(lc.RegisterAgent(wider, metadata=a), DENIED)
+    await lc.RegisterAgent(wider, metadata=agents.operator)
+    await lc.RegisterAgent(registration("agent-a", "work"), metadata=a)
+    await lc.RegisterAgent(wider, metadata=a)
+    # The operator registers exactly the current record: the grant narrows all the same.
+    await lc.RegisterAgent(registration("agent-a", "work"), metadata=agents.admin)
+    await lc.RegisterAgent(registration("agent-a", "work"), metadata=agents.operator)
+    await fails(lc.RegisterAgent(wider, metadata=a), DENIED)
+
+
+async def test_agent_may_not_deregister_itself(agents: Agents) -> None:
+    """DeregisterAgent with the agent's own token is PERMISSION_DENIED (an admin must),
+    and the agent and its token are untouched."""
+    lc, a = agents.lifecycle, agents.md("agent-a")
+    before = await record(agents, "agent-a")
+    err = await fails(
+        lc.DeregisterAgent(L.DeregisterAgentRequest(agent_id="agent-a"), metadata=a), DENIED
+    )
+    assert "operator key" in (err.details() or "")
+    assert await record(agents, "agent-a") == before
+    await lc.Heartbeat(L.HeartbeatRequest(agent_id="agent-a"), metadata=a)
+
+
+async def test_agent_grant_survives_restart(
+    start_server: Any, settings: Settings, keys: Keys, clock: FakeClock
+) -> None:
+    """The grant is stored: after a restart a narrowed agent may widen again up to it,
+    and no further."""
+    cfg = settings.model_copy(update={"api_keys": keys.api_keys})
+    server = await start_server(cfg, clock)
+    async with grpc.aio.insecure_channel(server.address) as channel:
+        ag = Agents(channel, keys)
+        granted = await ag.lifecycle.RegisterAgent(
+            registration("agent-a", "work", "more"), metadata=ag.admin
+        )
+        token = bearer(granted.agent_token)
+        await ag.lifecycle.RegisterAgent(registration("agent-a", "work"), metadata=token)
+    await server.stop(grace=0)
+    server = await start_server(cfg, clock)
+    async with grpc.aio.insecure_channel(server.address) as channel:
+        lc = lifecycle_pb2_grpc.LifecycleServiceStub(channel)
+        widened = await lc.RegisterAgent(registration("agent-a", "work", "more"), metadata=token)
+        assert list(widened.capabilities) == ["work", "more"]
+        await fails(lc.RegisterAgent(registration("agent-a", "x"), metadata=token), DENIED)
 
 
 # --------------------------------------------------------------------------- key reload

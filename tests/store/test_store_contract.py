@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 import pytest
 
-from opscore.domain.agents.model import Agent, AgentChange, AgentEvent, AgentFilter
+from opscore.domain.agents.model import Agent, AgentChange, AgentEvent, AgentFilter, AgentGrant
 from opscore.domain.dispatch.matching import Claim, Offer
 from opscore.domain.workflows.definitions import RetryPolicy, TaskDefinition, WorkflowDefinition
 from opscore.domain.workflows.session import Session, SessionEvent, SessionFilter, TaskKey
@@ -274,6 +274,23 @@ async def test_tokens_are_stored_with_the_change_and_deleted_with_the_agent(stor
     assert await store.agent_tokens() == {new: "a", other: "b"}
     await store.change_agent("a", delete)
     assert await store.agent_tokens() == {other: "b"}
+
+
+async def test_grant_is_stored_with_the_agent(store: Store) -> None:
+    """An agent's grant comes back from every read, apart from the capabilities it is
+    registered with now, and a change of the grant alone is silent."""
+    grant = AgentGrant("a", "1", frozenset({"x", "y"}))
+    written, event = await store.change_agent("a", create(new_agent("a", ("x",), grant=grant)))
+    assert written.grant == grant and event is not None and event.agent == written
+    assert await store.get_agent("a") == written
+    assert (await store.list_agents(AgentFilter(), "", 10))[0] == [written]
+    assert (await store.snapshot_agents(AgentFilter()))[0] == [written]
+    assert (await store.agent_events_after(0, 10))[0] == [event]
+    narrower = AgentGrant("a", "1", frozenset({"x"}))
+    agent, silent = await store.change_agent("a", silently(grant=narrower))
+    assert silent is None and await store.get_agent("a") == agent and agent.grant == narrower
+    _, later = await store.change_agent("a", set_state(AgentState.IDLE))
+    assert later is not None and later.agent is not None and later.agent.grant == narrower
 
 
 async def test_list_agents_pages_by_id_with_filters(store: Store) -> None:

@@ -32,8 +32,9 @@ NOBODY: frozenset[Role] = frozenset()
 @dataclass(frozen=True)
 class Rule:
     """Operator roles allowed; `agent_self`: an agent may call it naming its own
-    agent_id; `agent_tasks`: an agent may call it for tasks given to it (the engine
-    checks the attempt belongs to that agent)."""
+    agent_id (RegisterAgent: only within its grant, checked by the registry);
+    `agent_tasks`: an agent may call it for tasks given to it (the engine checks the
+    attempt belongs to that agent)."""
 
     roles: frozenset[Role]
     agent_self: bool = False
@@ -46,7 +47,7 @@ _W = _PACKAGE + "WorkflowService/"
 _S = _PACKAGE + "SessionService/"
 RULES: dict[str, Rule] = {
     _L + "RegisterAgent": Rule(WRITERS, agent_self=True),
-    _L + "DeregisterAgent": Rule(ADMINS, agent_self=True),
+    _L + "DeregisterAgent": Rule(ADMINS),
     _L + "GetAgent": Rule(READERS, agent_self=True),
     _L + "ListAgents": Rule(READERS),
     _L + "UpdateAgentState": Rule(NOBODY, agent_self=True),
@@ -117,7 +118,14 @@ def authorize(method: str, principal: Principal, request: Any) -> None:
     if principal.role is Role.AGENT:
         if rule.agent_tasks:
             return
-        if rule.agent_self and getattr(request, "agent_id", None) == principal.agent_id:
+        if not rule.agent_self:
+            roles = ", ".join(sorted(r.value for r in rule.roles))
+            raise PermissionDeniedError(
+                f"an agent token may not call {method.rsplit('/', 1)[-1]}: "
+                f"it needs an operator key ({roles})",
+                method=method,
+            )
+        if getattr(request, "agent_id", None) == principal.agent_id:
             return
         raise PermissionDeniedError(
             f"agent {principal.agent_id} may only act for itself", method=method

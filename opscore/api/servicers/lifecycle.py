@@ -11,6 +11,8 @@ from opspawn.opscore.v1 import lifecycle_pb2_grpc
 
 from opscore.api.convert import lifecycle as convert
 from opscore.api.convert.framing import EventCache
+from opscore.api.interceptors.auth import current_principal
+from opscore.domain.access import Role
 from opscore.domain.agents.liveness import Liveness
 from opscore.domain.agents.registry import AgentRegistry
 from opscore.domain.agents.watch import AgentWatch
@@ -36,7 +38,8 @@ class LifecycleServicer(lifecycle_pb2_grpc.LifecycleServiceServicer):
 
     async def RegisterAgent(self, request: pb.RegisterAgentRequest, context: Context) -> pb.Agent:
         registration = convert.registration_from_proto(request, self._limits)
-        agent, token = await self._registry.register(registration)
+        by_agent = current_principal.get().role is Role.AGENT
+        agent, token = await self._registry.register(registration, by_agent=by_agent)
         response = convert.agent_to_proto(agent)
         response.agent_token = token or ""
         return response

@@ -23,6 +23,33 @@ class AgentRegistration:
 
 
 @dataclass(frozen=True)
+class AgentGrant:
+    """What an operator registered the agent as: the most its own token may
+    re-register it as. Stored apart from the current record, so that an agent may
+    narrow its capabilities and later widen them again up to the grant."""
+
+    name: str
+    version: str
+    capabilities: frozenset[str]
+
+    @classmethod
+    def of(cls, reg: AgentRegistration) -> AgentGrant:
+        return cls(reg.name, reg.version, frozenset(reg.capabilities))
+
+    def refusal(self, reg: AgentRegistration) -> str | None:
+        """What in `reg` goes beyond this grant (None: nothing, the agent may register
+        itself so); metadata and contact_endpoint are informational and free."""
+        extra = sorted(set(reg.capabilities) - self.capabilities)
+        if extra:
+            return f"capabilities {extra} it was not granted"
+        if reg.name != self.name:
+            return f"name {reg.name!r} (granted: {self.name!r})"
+        if reg.version != self.version:
+            return f"version {reg.version!r} (granted: {self.version!r})"
+        return None
+
+
+@dataclass(frozen=True)
 class Agent:
     agent_id: str
     name: str
@@ -37,6 +64,9 @@ class Agent:
     last_heartbeat_at: datetime
     state_observed_at: datetime | None
     revision: int
+    # Set by every operator registration; None only in snapshots written before
+    # grants were stored (an agent without one may not register itself).
+    grant: AgentGrant | None = None
 
     def evolve(self, **changes: Any) -> Agent:
         return replace(self, **changes)

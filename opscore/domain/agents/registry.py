@@ -13,7 +13,13 @@ from datetime import datetime, timedelta
 
 from opscore.domain import paging
 from opscore.domain.agents.credentials import AgentCredentials
-from opscore.domain.agents.model import Agent, AgentChange, AgentFilter, AgentRegistration
+from opscore.domain.agents.model import (
+    Agent,
+    AgentChange,
+    AgentFilter,
+    AgentGrant,
+    AgentRegistration,
+)
 from opscore.domain.clock import Clock
 from opscore.domain.paging import Page
 from opscore.protocol.enums import AgentEventType, AgentState
@@ -21,6 +27,7 @@ from opscore.protocol.errors import (
     AgentNotFoundError,
     InvalidArgumentError,
     InvalidStateError,
+    PermissionDeniedError,
     StaleStateReportError,
 )
 from opscore.protocol.values import JsonObject
@@ -35,6 +42,23 @@ class RegistryConfig:
     max_clock_skew: float
 
 
+def _check_grant(agent_id: str, current: Agent | None, reg: AgentRegistration) -> None:
+    """An agent registering itself stays within what an operator registered."""
+    grant = None if current is None else current.grant
+    if grant is None:
+        raise PermissionDeniedError(
+            f"agent {agent_id} has no operator registration: an operator must register it",
+            agent_id=agent_id,
+        )
+    beyond = grant.refusal(reg)
+    if beyond is not None:
+        raise PermissionDeniedError(
+            f"agent {agent_id} may not register itself with {beyond}: "
+            "an operator must register that",
+            agent_id=agent_id,
+        )
+
+
 class AgentRegistry:
     def __init__(
         self, store: Store, clock: Clock, config: RegistryConfig, credentials: AgentCredentials
@@ -46,25 +70,37 @@ class AgentRegistry:
 
     # -- registry ----------------------------------------------------------------
 
-    async def register(self, reg: AgentRegistration) -> tuple[Agent, str | None]:
+    async def register(
+        self, reg: AgentRegistration, by_agent: bool = False
+    ) -> tuple[Agent, str | None]:
         """Creates the agent, or re-registers it: an identical retry changes nothing;
         changed fields (or an OFFLINE agent coming back) restart it as INITIALIZING.
-        With authentication on, an agent without a token gets one (returned once)."""
+        An operator's registration is the agent's grant; `by_agent` (the agent with
+        its own token) may only stay within it, else PERMISSION_DENIED and nothing
+        changes. With authentication on, an agent without a token gets one (returned
+        once)."""
         agent_id = reg.agent_id or str(uuid.uuid4())
         now = self._clock.now()
         token, sha = (
             self._credentials.new_token()
-            if self._credentials.enabled and not self._credentials.has_token(agent_id)
+            if not by_agent
+            and self._credentials.enabled
+            and not self._credentials.has_token(agent_id)
             else (None, None)
         )
+        grant = None if by_agent else AgentGrant.of(reg)
 
         def decide(current: Agent | None) -> AgentChange:
+            if by_agent:
+                _check_grant(agent_id, current, reg)
             if (
                 current is not None
                 and current.same_registration(reg)
                 and current.state is not AgentState.OFFLINE
             ):
-                return AgentChange(current, None, now, token_sha256=sha)
+                if grant is None or grant == current.grant:
+                    return AgentChange(current, None, now, token_sha256=sha)
+                return AgentChange(current.evolve(grant=grant), None, now, token_sha256=sha)
             base = current or Agent(
                 agent_id=agent_id,
                 name="",
@@ -90,6 +126,7 @@ class AgentRegistry:
                 state_details={},
                 state_updated_at=now,
                 last_heartbeat_at=now,
+                grant=grant or base.grant,
             )
             return AgentChange(agent, AgentEventType.REGISTERED, now, token_sha256=sha)
 

@@ -14,6 +14,7 @@ from opscore.protocol.enums import AgentEventType, AgentState
 from opscore.protocol.values import epoch_micros, from_epoch_micros
 from opscore.store.sqlite.codec import (
     AGENT_COLUMNS,
+    AGENT_PLACEHOLDERS,
     AGENT_STATE_ASSIGNMENTS,
     agent_from_json,
     agent_from_row,
@@ -79,7 +80,7 @@ def change_agent(
         conn.execute("DELETE FROM agent_tokens WHERE agent_id = ?", (agent_id,))
     elif current is None:
         conn.execute(
-            f"INSERT INTO agents ({AGENT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            f"INSERT INTO agents ({AGENT_COLUMNS}) VALUES ({AGENT_PLACEHOLDERS})",
             agent_to_row(agent),
         )
     elif change.agent is not current:  # UPDATE: REPLACE would redo every index entry
