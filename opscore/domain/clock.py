@@ -10,6 +10,8 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
+from opscore.store.failures import log_failure
+
 
 class Clock(Protocol):
     def now(self) -> datetime: ...
@@ -62,7 +64,10 @@ async def every(clock: Clock, interval: float, job: Callable[[], Awaitable[objec
         await clock.sleep(interval)
         try:
             await job()
-        except Exception:
-            logging.getLogger(__name__).exception(
-                "background job failed", extra={"job": getattr(job, "__qualname__", str(job))}
+        except Exception as exc:
+            log_failure(
+                logging.getLogger(__name__),
+                "background job failed",
+                exc,
+                job=getattr(job, "__qualname__", str(job)),
             )

@@ -37,6 +37,9 @@ class Settings(BaseSettings):
     sqlite_synchronous: Literal["NORMAL", "FULL"] = SqliteConfig.synchronous
     sqlite_readers: int = Field(SqliteConfig.readers, ge=1, le=32)
     max_batch: int = Field(SqliteConfig.max_batch, ge=1, le=10_000)
+    # SQLite's quick check at start refuses a damaged file; it reads the whole file,
+    # so a huge one may start without it (damage then surfaces as DATA_LOSS).
+    sqlite_quick_check: bool = SqliteConfig.quick_check
 
     # Agents silent this long go OFFLINE; checked every liveness_check_interval.
     liveness_timeout: float = Field(30.0, gt=0)
@@ -122,6 +125,7 @@ class Settings(BaseSettings):
         )
 
     def registry(self) -> RegistryConfig:
+            sqlite_quick_check=self.sqlite_quick_check,
         return RegistryConfig(max_clock_skew=self.max_clock_skew)
 
     def liveness(self) -> LivenessConfig:

@@ -21,6 +21,7 @@ class StoreConfig:
     sqlite_synchronous: Literal["NORMAL", "FULL"] = SqliteConfig.synchronous
     sqlite_readers: int = SqliteConfig.readers
     max_batch: int = SqliteConfig.max_batch
+    sqlite_quick_check: bool = SqliteConfig.quick_check
 
 
 def _sqlite(location: str, config: StoreConfig) -> Store:
@@ -32,6 +33,7 @@ def _sqlite(location: str, config: StoreConfig) -> Store:
             synchronous=config.sqlite_synchronous,
             readers=config.sqlite_readers,
             max_batch=config.max_batch,
+            quick_check=config.sqlite_quick_check,
         )
     )
 

@@ -16,6 +16,7 @@ from opscore.store.base import Store
 
 log = logging.getLogger(__name__)
 
+from opscore.store.failures import log_failure
 
 @dataclass(frozen=True)
 class LivenessConfig:
@@ -58,7 +59,7 @@ class Liveness:
                 went_offline += 1
                 log.warning("agent offline: no heartbeat", extra={"agent_id": agent_id})
             elif isinstance(result, Exception) and not isinstance(result, AgentNotFoundError):
-                log.error("liveness check failed", extra={"agent_id": agent_id}, exc_info=result)
+                log_failure(log, "liveness check failed", result, agent_id=agent_id)
         return went_offline
 
     async def compact_history(self) -> int:

@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 # Agents in these states receive work (BUSY ones only into free max_in_flight slots).
 DISPATCHABLE = frozenset({AgentState.IDLE, AgentState.BUSY})
 UNDELIVERED = "agent disconnected before delivery"
+from opscore.store.failures import log_failure
 
 
 class Queue(Protocol):
@@ -214,8 +215,8 @@ class Dispatcher:
             self._wake.clear()
             try:
                 await self._fill_free_slots()
-            except Exception:
-                log.exception("dispatch pass failed")
+            except Exception as exc:
+                log_failure(log, "dispatch pass failed", exc)
 
     async def _fill_free_slots(self) -> None:
         offers: list[Offer] = []
@@ -251,8 +252,8 @@ class Dispatcher:
         async def guarded() -> None:
             try:
                 self.follow(await job)
-            except Exception:
-                log.exception("dispatch background job failed")
+            except Exception as exc:
+                log_failure(log, "dispatch background job failed", exc)
 
         task = asyncio.create_task(guarded())
         self._background.add(task)

@@ -17,6 +17,7 @@ from opscore.domain.workflows.session import Explain, Session, TaskKey
 from opscore.protocol.enums import WaitingReason
 from opscore.protocol.errors import SessionNotFoundError
 from opscore.store.base import Store
+from opscore.store.failures import log_failure
 
 log = logging.getLogger(__name__)
 
@@ -94,10 +95,12 @@ class TaskQueue:
         for key, result in zip(keys, results, strict=True):
             if isinstance(result, BaseException):
                 if not isinstance(result, SessionNotFoundError):
-                    log.error(
+                    log_failure(
+                        log,
                         "task change failed",
-                        extra={"session_id": key.session_id, "task_id": key.task_id},
-                        exc_info=result,
+                        result,
+                        session_id=key.session_id,
+                        task_id=key.task_id,
                     )
             else:
                 changed.append(result[1])

@@ -17,11 +17,16 @@ COMMIT. Where the batch runs matters more than anything else for latency:
 Why not aiosqlite: it hops to its thread once per statement, the cost described
 above. Reads run on a small pool of reader threads with their own connections; WAL
 gives them consistent snapshots while the writer works.
+
+A damaged file is refused at open (SQLite's quick check, unless configured off) and,
+found while serving, is a DataLossError: retrying cannot help. Other SQLite failures
+(a full disk) are StorageErrors. Both are logged once per burst (`failures.py`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import sqlite3
 import threading
@@ -31,7 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from opscore.protocol.errors import OpsCoreError, StorageError
+from opscore.protocol.errors import DataLossError, OpsCoreError, StorageError
+from opscore.store.failures import FailureBurst
 from opscore.store.sqlite import agents as agents_sql
 from opscore.store.sqlite.migrations import migrate
 
@@ -39,6 +45,9 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_INTERVAL = 0.5  # seconds between WAL checkpoints when batches run inline
 WAL_SIZE_LIMIT = 64 * 1024 * 1024  # the WAL file is truncated to this after a checkpoint
+
+# SQLite result codes (primary) saying the file itself is damaged.
+DAMAGED = frozenset({sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB})
 
 R = TypeVar("R")
 # A write job: runs inside the batch transaction (on the loop or the writer thread, see
@@ -63,6 +72,12 @@ class SqliteConfig:
     synchronous: Literal["NORMAL", "FULL"] = "NORMAL"
     readers: int = 2
     max_batch: int = 256
+    # SQLite's quick check at open reads every page (seconds per GB): off for huge files.
+    quick_check: bool = True
+
+
+def _damaged(exc: sqlite3.Error) -> bool:
+    return getattr(exc, "sqlite_errorcode", 0) & 0xFF in DAMAGED
 
 
 class SqliteEngine:
@@ -71,6 +86,7 @@ class SqliteEngine:
         self._synchronous = config.synchronous
         self._inline = config.synchronous == "NORMAL"  # see the module docstring
         self._max_batch = config.max_batch
+        self._quick_check = config.quick_check
         self._announce = announce
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="sqlite-writer")
         self._readers = ThreadPoolExecutor(config.readers, thread_name_prefix="sqlite-reader")
@@ -83,6 +99,10 @@ class SqliteEngine:
         self._revision = 0  # the batch runner's: the last revision handed out
         self.committed_revision = 0
         self._closing = False  # no new writes once close() has begun
+        self._commit_failures = FailureBurst(log, "write failed")
+        self._checkpoint_failures = FailureBurst(log, "WAL checkpoint failed; retrying later")
+        self._read_failures = FailureBurst(log, "read failed")
+        self._corruption = FailureBurst(log, "database file is corrupt; restore it from a backup")
 
     async def open(self) -> None:
         self._closing = False
@@ -94,6 +114,8 @@ class SqliteEngine:
         self._path.parent.mkdir(parents=True, exist_ok=True)
         try:
             conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
+            if self._quick_check:
+                self._check(conn)
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute(f"PRAGMA synchronous={self._synchronous}")
             conn.execute("PRAGMA busy_timeout=5000")
@@ -102,13 +124,38 @@ class SqliteEngine:
                 conn.execute("PRAGMA wal_autocheckpoint=0")  # _checkpoint does it
             migrate(conn)
         except sqlite3.Error as exc:
-            raise StorageError(f"cannot open database {self._path}: {exc}") from exc
+            raise self._error(exc, f"cannot open database {self._path}") from exc
         self._conn = conn
         self._revision = self.committed_revision = agents_sql.read_revision(conn)
         if self._inline:
             self._checkpoint_conn = sqlite3.connect(
                 self._path, isolation_level=None, check_same_thread=False
             )
+
+    def _check(self, conn: sqlite3.Connection) -> None:
+        """Refuses a damaged file before serving from it (or migrating it): without
+        this, a bad page in the middle surfaced only when a read reached it."""
+        problems = [str(row[0]) for row in conn.execute("PRAGMA quick_check(2)")]
+        if problems != ["ok"]:
+            first = " ".join(problems[0].split())  # SQLite's report spans lines
+            more = ", and more" if len(problems) > 1 else ""
+            raise DataLossError(
+                f"database {self._path} failed SQLite's quick check ({first}{more}); "
+                "restore it from a backup, or set OPSCORE_SQLITE_QUICK_CHECK=false to "
+                "start without the check"
+            )
+
+    def _error(self, exc: sqlite3.Error, doing: str) -> OpsCoreError:
+        """The error for a failed SQLite call: a damaged file is data loss, not retried."""
+        if _damaged(exc):
+            return DataLossError(
+                f"{doing}: the database is corrupt ({exc}); restore it from a backup"
+            )
+        return StorageError(f"{doing}: {exc}")
+
+    def _failed(self, exc: sqlite3.Error, burst: FailureBurst) -> None:
+        """Logs a failed SQLite call once per burst; a damaged file has its own."""
+        (self._corruption if _damaged(exc) else burst).failed(exc, db=str(self._path))
 
     async def close(self) -> None:
         self._closing = True
@@ -128,6 +175,13 @@ class SqliteEngine:
         for conn in self._reader_conns:
             conn.close()
         self._reader_conns.clear()
+        for burst in (
+            self._commit_failures,
+            self._checkpoint_failures,
+            self._read_failures,
+            self._corruption,
+        ):
+            burst.flush()
 
     # -- group commit ------------------------------------------------------------
 
@@ -188,8 +242,10 @@ class SqliteEngine:
         assert conn is not None
         try:
             conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-        except sqlite3.Error:
-            log.exception("WAL checkpoint failed; retrying later")
+        except sqlite3.Error as exc:
+            self._failed(exc, self._checkpoint_failures)
+        else:
+            self._checkpoint_failures.flush()
 
     def _run_batch(self, batch: Sequence[_Job]) -> None:
         conn = self._conn
@@ -200,13 +256,16 @@ class SqliteEngine:
                 self._run_job(conn, job)
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
-            log.exception("commit failed")
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
+            self._failed(exc, self._commit_failures)
+            with contextlib.suppress(sqlite3.Error):  # a failed write may have ended it
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
             self._revision = self.committed_revision
-            failure = StorageError(f"write failed, nothing committed: {exc}")
+            failure = self._error(exc, "write failed, nothing committed")
             for job in batch:
                 job.outcome, job.events = (False, failure), []
+        else:
+            self._commit_failures.flush()
 
     def _run_job(self, conn: sqlite3.Connection, job: _Job) -> None:
         revision_before = self._revision
@@ -220,7 +279,8 @@ class SqliteEngine:
             self._revision = revision_before
             job.events = []
             if isinstance(exc, sqlite3.Error):
-                exc = StorageError(f"write failed: {exc}")
+                self._failed(exc, self._commit_failures)
+                exc = self._error(exc, "write failed")
             elif not isinstance(exc, OpsCoreError):
                 log.exception("write job failed")
             job.outcome = (False, exc)
@@ -252,13 +312,17 @@ class SqliteEngine:
 
         def run() -> R:
             conn = self._reader()
-            conn.execute("BEGIN")
             try:
-                return fn(conn)
+                conn.execute("BEGIN")
+                try:
+                    result = fn(conn)
+                finally:
+                    conn.execute("COMMIT")
             except sqlite3.Error as exc:
-                raise StorageError(f"read failed: {exc}") from exc
-            finally:
-                conn.execute("COMMIT")
+                self._failed(exc, self._read_failures)
+                raise self._error(exc, "read failed") from exc
+            self._read_failures.flush()
+            return result
 
         try:
             future = asyncio.get_running_loop().run_in_executor(self._readers, run)
