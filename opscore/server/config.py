@@ -114,6 +114,7 @@ class Settings(BaseSettings):
             sqlite_synchronous=self.sqlite_synchronous,
             sqlite_readers=self.sqlite_readers,
             max_batch=self.max_batch,
+            sqlite_quick_check=self.sqlite_quick_check,
         )
 
     def watch(self) -> WatchConfig:
@@ -125,7 +126,6 @@ class Settings(BaseSettings):
         )
 
     def registry(self) -> RegistryConfig:
-            sqlite_quick_check=self.sqlite_quick_check,
         return RegistryConfig(max_clock_skew=self.max_clock_skew)
 
     def liveness(self) -> LivenessConfig:

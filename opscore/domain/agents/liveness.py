@@ -13,10 +13,10 @@ from opscore.domain.clock import Clock
 from opscore.protocol.enums import AgentEventType, AgentState
 from opscore.protocol.errors import AgentNotFoundError
 from opscore.store.base import Store
+from opscore.store.failures import log_failure
 
 log = logging.getLogger(__name__)
 
-from opscore.store.failures import log_failure
 
 @dataclass(frozen=True)
 class LivenessConfig:

@@ -21,13 +21,13 @@ from opscore.domain.dispatch.streams import TaskStream
 from opscore.domain.workflows.session import Assignment, Session, TaskKey
 from opscore.protocol.enums import AgentEventType, AgentState, WaitingReason
 from opscore.protocol.errors import AgentNotFoundError, ResourceLimitError, ShuttingDownError
+from opscore.store.failures import log_failure
 
 log = logging.getLogger(__name__)
 
 # Agents in these states receive work (BUSY ones only into free max_in_flight slots).
 DISPATCHABLE = frozenset({AgentState.IDLE, AgentState.BUSY})
 UNDELIVERED = "agent disconnected before delivery"
-from opscore.store.failures import log_failure
 
 
 class Queue(Protocol):
