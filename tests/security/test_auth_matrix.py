@@ -99,6 +99,7 @@ class World:
     sessions whose task is leased to A on A's open task stream."""
 
     channel: grpc.aio.Channel
+    keys: Keys
     tokens: dict[str, str]
     session_id: str
     task_token: str
@@ -148,9 +149,7 @@ REQUESTS: dict[str, Request] = {
 
 
 @pytest.fixture
-async def world(
-    start_server: Any, settings: Settings, clock: FakeClock
-) -> AsyncIterator[tuple[World, Keys]]:
+async def world(start_server: Any, settings: Settings, clock: FakeClock) -> AsyncIterator[World]:
     keys = Keys.fresh()
     server = await start_server(settings.model_copy(update={"api_keys": keys.api_keys}), clock)
     admin = bearer(keys[Role.ADMIN])
@@ -176,36 +175,35 @@ async def world(
             )
             assignment = await asyncio.wait_for(stream.read(), READ_TIMEOUT)
             assert assignment is not grpc.aio.EOF, "agent A's task stream ended"
-            yield World(channel, tokens, session.session_id, assignment.task_token), keys
+            yield World(channel, keys, tokens, session.session_id, assignment.task_token)
         finally:
             stream.cancel()
 
 
-def credentials(world: World, keys: Keys) -> list[tuple[str, tuple[tuple[str, str], ...] | None]]:
+def credentials(world: World) -> list[tuple[str, tuple[tuple[str, str], ...] | None]]:
     """Every credential kind, in the order the matrix uses them: those that must be
     refused first, the destructive ones (admin deregisters, rotates) last."""
     return [
         ("no token", None),
         ("wrong token", bearer(new_secret(AGENT_TOKEN_PREFIX))),
         ("another agent's token", bearer(world.tokens["agent-b"])),
-        ("viewer", bearer(keys[Role.VIEWER])),
+        ("viewer", bearer(world.keys[Role.VIEWER])),
         ("own agent token", bearer(world.tokens["agent-a"])),
-        ("operator", bearer(keys[Role.OPERATOR])),
-        ("admin", bearer(keys[Role.ADMIN])),
+        ("operator", bearer(world.keys[Role.OPERATOR])),
+        ("admin", bearer(world.keys[Role.ADMIN])),
     ]
 
 
 @pytest.mark.parametrize("method", METHODS, ids=str)
-async def test_matrix(world: tuple[World, Keys], method: Method) -> None:
+async def test_matrix(world: World, method: Method) -> None:
     """Each credential kind gets on this RPC what the README's row says."""
-    w, keys = world
     assert method.name in REQUESTS, f"the matrix has no request for {method.name}"
     row = readme_table().get(method.name)
     assert row is not None, f"README has no row for {method.name}"
     want = expected(row)
     problems = []
-    for kind, metadata in credentials(w, keys):
-        result = await outcome(w.channel, method, REQUESTS[method.name](w), metadata)
+    for kind, metadata in credentials(world):
+        result = await outcome(world.channel, method, REQUESTS[method.name](world), metadata)
         code = result.code
         got = code.name if isinstance(code, grpc.StatusCode) and result.denied else ALLOWED
         if got != want[kind]:
