@@ -594,7 +594,7 @@ async def cancel_session(w: Walkthrough, c: Command) -> None:
     late = await w.run(Command(w.values["complete_command"]))
     assert late.returncode != 0, late
     assert "Code: FailedPrecondition" in late.stderr, late
-    assert '"reason":"TASK_TOKEN_INVALID"' in late.stderr, late
+    assert '"reason":"ATTEMPT_ENDED"' in late.stderr, late
 
 
 # The README's grpcurl commands, in order, and what each must do.
