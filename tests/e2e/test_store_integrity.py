@@ -16,8 +16,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import grpc
+import pytest
 from opspawn.opscore.v1 import lifecycle_pb2 as pb
 from opspawn.opscore.v1 import lifecycle_pb2_grpc
+
+from opscore.protocol.errors import DataLossError
+from opscore.sdk import OpsCoreClient
 
 if TYPE_CHECKING:
     from conftest import Rpc, ServerProcess, SpawnServer, Stub
@@ -134,13 +138,20 @@ async def test_skipped_check_serves_and_reads_of_the_damage_are_data_loss(
             assert str(db) not in failure.message  # callers are not told server paths
         assert await stub.GetAgent(pb.GetAgentRequest(agent_id=AGENTS[-1])) == listed.agents[-1]
 
+    # The SDK raises it instead of resuming the watch for ever (it is no outage).
+    async with OpsCoreClient(process.address) as client:
+        with pytest.raises(DataLossError):
+            async with asyncio.timeout(30):  # a hang guard: resuming would never end
+                async for _event in client.watch_agents(since_revision=0):
+                    pass
+
     logged = [line for line in process.log_lines() if "corrupt" in line["msg"]]
     assert [(line["level"], line["db"]) for line in logged] == [("ERROR", str(db))]
     assert not [line for line in process.log_lines() if line["msg"] == "unexpected error"]
     process.terminate()
     assert await process.wait_exit(10) == 0, process.log_tail()
     summaries = [line for line in process.log_lines() if "corrupt" in line["msg"]][1:]
-    assert [line.get("failures") for line in summaries] == [2]
+    assert [line.get("failures") for line in summaries] == [3]
 
 
 def _limit_file_size(process: ServerProcess, limit: int) -> tuple[int, int]:
