@@ -10,27 +10,40 @@
 
 The worker registers, reports IDLE, heartbeats, takes tasks from its StreamTasks
 stream, keeps each task's lease alive, reports results, and reconnects (registering
-again) whenever the server goes away. On stop it reports DRAINING so the server
-sends nothing new, lets in-flight tasks finish, and only then closes its stream
-(closing earlier would make the server re-queue the tasks it still holds).
+again) whenever the server goes away. Handlers keep running across a lost
+connection or a server restart: the attempts stay leased to this agent, its next
+stream adopts them, and heartbeats and answers are retried until the server takes
+them or the lease has surely ended. On stop it reports DRAINING so the server sends
+nothing new, lets in-flight tasks finish, and only then closes its stream.
+
+Each attempt ends at its start_to_close limit, measured from receipt on the local
+monotonic clock (so never before the server's): async handlers get CancelledError,
+sync ones (run in a bounded thread pool) see `ctx.cancelled`, and the worker
+reports the timeout.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import functools
 import inspect
 import logging
 import signal
+import threading
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, overload
 
 from opscore.protocol.enums import AgentState
 from opscore.protocol.errors import (
+    InvalidArgumentError,
     NotFoundError,
     OpsCoreError,
     ShuttingDownError,
@@ -42,6 +55,7 @@ from opscore.protocol.values import JsonObject
 from opscore.sdk import types
 from opscore.sdk.client import OpsCoreClient, backoff_delay
 from opscore.sdk.errors import DeadlineExceededError, NonRetryableError, UnavailableError
+from opscore.sdk.results import InputError, M, ResultError, parse_input, to_output
 
 log = logging.getLogger(__name__)
 
@@ -53,21 +67,39 @@ _RECONNECT = (
     StorageError,
     NotFoundError,
 )
+_UNREACHABLE = (UnavailableError, DeadlineExceededError)
 DEFAULT_LEASE = 60.0
 MIN_LEASE_HEARTBEAT = 0.05
+# How long past a lease's end (as this process reckons the server's clock) answers
+# are still retried: room for the error of that reckoning.
+LEASE_MARGIN = 2.0
+
+# Why an attempt was cancelled (ctx.cancel_reason).
+SESSION_CANCELLED = "the session was cancelled"
+ATTEMPT_ENDED = "the attempt ended on the server (superseded, timed out or cancelled)"
+LEASE_LOST = "the lease ran out while the server was unreachable"
 
 HandlerFn = Callable[["TaskContext"], Any]
 H = TypeVar("H", bound=HandlerFn)
+R = TypeVar("R")
 
 
 class TaskContext:
     """What a handler gets: one task attempt's payload, and its cancellation."""
 
-    def __init__(self, assignment: types.TaskAssignment, client: OpsCoreClient) -> None:
+    def __init__(
+        self,
+        assignment: types.TaskAssignment,
+        client: OpsCoreClient,
+        local_time: Callable[[datetime], float],
+    ) -> None:
         self.assignment = assignment
         self.deadline = assignment.deadline
         self._client = client
-        self._cancel_requested = False
+        self._local_time = local_time
+        self._lease_end = local_time(assignment.deadline)
+        self._cancelled = threading.Event()
+        self._cancel_reason = ""
 
     @property
     def task_id(self) -> str:
@@ -98,27 +130,69 @@ class TaskContext:
         return self.assignment.upstream
 
     @property
-    def cancel_requested(self) -> bool:
-        """True once the session was cancelled (or the attempt was taken away): stop
-        working; a result would be refused. Async handlers are also cancelled."""
-        return self._cancel_requested
+    def cancelled(self) -> bool:
+        """True once the attempt should stop: the session was cancelled, the attempt
+        ended on the server, or its start_to_close limit came. A result would be
+        refused. Async handlers are also cancelled; sync ones must poll this."""
+        return self._cancelled.is_set()
 
-    def _mark_cancelled(self) -> None:
-        self._cancel_requested = True
+    @property
+    def cancel_requested(self) -> bool:
+        """The same as `cancelled` (its earlier name)."""
+        return self.cancelled
+
+    @property
+    def cancel_reason(self) -> str:
+        """Why the attempt was cancelled ("" while it is not)."""
+        return self._cancel_reason
+
+    def wait_cancelled(self, timeout: float | None = None) -> bool:
+        """For sync handlers: blocks until the attempt is cancelled or `timeout`
+        seconds pass; returns `cancelled`. A cancellable replacement for sleep()."""
+        return self._cancelled.wait(timeout)
+
+    def _cancel(self, reason: str) -> None:
+        if not self._cancelled.is_set():
+            self._cancel_reason = reason
+            self._cancelled.set()
+
+    @property
+    def _answer_until(self) -> float:
+        """The monotonic instant after which the server surely refuses an answer."""
+        return max(self._lease_end, time.monotonic()) + LEASE_MARGIN
 
     async def heartbeat(self) -> bool:
-        """Extends the lease now (the worker also does so every third of the lease);
-        returns cancel_requested."""
-        beat = await self._client.heartbeat_task(self.assignment.task_token)
+        """Extends the lease now (the worker also does so every third of the lease),
+        retrying while the server is unreachable, until the lease has surely ended;
+        returns `cancelled` (a refused heartbeat means the attempt ended)."""
+        try:
+            beat = await self._client.heartbeat_task(
+                self.assignment.task_token, retry_until=self._answer_until
+            )
+        except TaskDispatchError:
+            self._cancel(ATTEMPT_ENDED)
+            return True
         if beat.deadline is not None:
             self.deadline = beat.deadline
+            self._lease_end = self._local_time(beat.deadline)
         if beat.cancel_requested:
-            self._cancel_requested = True
-        return self._cancel_requested
+            self._cancel(SESSION_CANCELLED)
+        return self.cancelled
+
+
+@dataclass(frozen=True)
+class _Handler:
+    fn: Callable[..., Any]
+    # A declared input model: the data is validated and passed as a second argument.
+    input: type[Any] | None
 
 
 class Agent:
-    """A worker process for one agent_id; see the module docstring."""
+    """A worker process for one agent_id; see the module docstring.
+
+    `max_threads` bounds the threads that run sync handlers (default: max_in_flight).
+    A thread cannot be stopped: a sync handler that ignores `ctx.cancelled` keeps its
+    thread until it returns, and later sync tasks wait for a free one."""
 
     def __init__(
         self,
@@ -128,6 +202,7 @@ class Agent:
         name: str = "",
         capabilities: Iterable[str] | None = None,
         max_in_flight: int = 1,
+        max_threads: int | None = None,
         heartbeat_interval: float | None = None,
         deregister_on_stop: bool = False,
         version: str = "",
@@ -149,14 +224,16 @@ class Agent:
         self.agent_id = agent_id or f"agent-{uuid.uuid4().hex[:12]}"
         self.name = name or self.agent_id
         self.max_in_flight = max_in_flight
+        self.max_threads = max_threads or max_in_flight
         self.heartbeat_interval = heartbeat_interval
         self.deregister_on_stop = deregister_on_stop
         self.version = version
         self.metadata = dict(metadata or {})
         self.timeout = timeout
         self._capabilities = list(capabilities) if capabilities is not None else None
-        self._handlers: dict[str, HandlerFn] = {}
+        self._handlers: dict[str, _Handler] = {}
         self._running: dict[str, asyncio.Task[None]] = {}
+        self._pool: ThreadPoolExecutor | None = None
         self._clock_offset = timedelta(0)
         self._failures = 0
         self._stop_requested = False
@@ -168,12 +245,24 @@ class Agent:
         """As given, or else the capabilities of the registered handlers."""
         return list(self._handlers) if self._capabilities is None else self._capabilities
 
-    def handler(self, capability: str) -> Callable[[H], H]:
-        """Registers the decorated function for tasks of `capability`. Async functions
-        run on the event loop; plain ones in a thread, so they may block."""
+    @overload
+    def handler(self, capability: str) -> Callable[[H], H]: ...
 
-        def register(fn: H) -> H:
-            self._handlers[capability] = fn
+    @overload
+    def handler(
+        self, capability: str, *, input: type[M]
+    ) -> Callable[[Callable[[TaskContext, M], R]], Callable[[TaskContext, M], R]]: ...
+
+    def handler(self, capability: str, *, input: type[Any] | None = None) -> Callable[[Any], Any]:
+        """Registers the decorated function for tasks of `capability`. Async functions
+        run on the event loop; plain ones in the worker's thread pool, so they may
+        block. With `input` (a pydantic v2 model, or any class with `model_validate`)
+        the task's parameters merged over the session input (parameters win) are
+        validated and passed as the second argument; a mismatch fails the task at
+        once, naming the fields."""
+
+        def register(fn: Any) -> Any:
+            self._handlers[capability] = _Handler(fn, input)
             return fn
 
         return register
@@ -202,27 +291,42 @@ class Agent:
 
     async def run(self) -> None:
         """Works until stop(): connects, reconnects with backoff when the server goes
-        away, and on stop drains, then deregisters (deregister_on_stop) or reports IDLE."""
+        away (in-flight handlers carry on), and on stop lets in-flight tasks finish,
+        then deregisters (deregister_on_stop) or reports IDLE."""
         if not self.capabilities:
             raise ValueError("the agent has no capabilities: register a handler first")
         self._loop = asyncio.get_running_loop()
         stop = self._stop_event = asyncio.Event()
         if self._stop_requested:
             stop.set()
-        async with OpsCoreClient(self.address, timeout=self.timeout, **self._credentials) as client:
-            while not stop.is_set():
-                try:
-                    await self._serve(client, stop)
-                except _RECONNECT as exc:
-                    log.warning(
-                        "connection to ops-core lost; reconnecting",
-                        extra={"agent_id": self.agent_id, "error": str(exc)},
-                    )
-                    await self._abandon_in_flight()
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(stop.wait(), backoff_delay(self._failures))
-                    self._failures += 1
-            await self._leave(client)
+        self._pool = ThreadPoolExecutor(self.max_threads, thread_name_prefix=self.agent_id)
+        try:
+            async with OpsCoreClient(
+                self.address, timeout=self.timeout, **self._credentials
+            ) as client:
+                while not stop.is_set():
+                    try:
+                        await self._serve(client, stop)
+                    except _RECONNECT as exc:
+                        log.warning(
+                            "connection to ops-core lost; reconnecting",
+                            extra={
+                                "agent_id": self.agent_id,
+                                "error": str(exc),
+                                "in_flight": len(self._running),
+                            },
+                        )
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(stop.wait(), backoff_delay(self._failures))
+                        self._failures += 1
+                await self._finish_in_flight()
+                await self._leave(client)
+        finally:
+            # Only left over when run() itself was cancelled or failed.
+            for task in self._running.values():
+                task.cancel()
+            await asyncio.gather(*self._running.values(), return_exceptions=True)
+            self._pool.shutdown(wait=False, cancel_futures=True)
 
     # -- one connection ------------------------------------------------------------
 
@@ -269,9 +373,14 @@ class Agent:
             await self._heartbeat(client)
 
     async def _receive(self, client: OpsCoreClient) -> None:
-        async for assignment in client.stream_tasks(self.agent_id, self.max_in_flight):
+        held = list(self._running)  # attempts still running from before a reconnect
+        async for assignment in client.stream_tasks(self.agent_id, self.max_in_flight, held):
+            received = time.monotonic()
             token = assignment.task_token
-            task = asyncio.create_task(self._execute(client, assignment))
+            if token in self._running:
+                log.info("attempt already running here", extra={"task_id": assignment.task_id})
+                continue
+            task = asyncio.create_task(self._execute(client, assignment, received))
             self._running[token] = task
             task.add_done_callback(functools.partial(self._forget, token))
 
@@ -286,15 +395,11 @@ class Agent:
             await client.update_agent_state(self.agent_id, AgentState.DRAINING)
         except OpsCoreError as exc:
             log.warning("could not report DRAINING", extra={"error": str(exc)})
+        await self._finish_in_flight()
+
+    async def _finish_in_flight(self) -> None:
         while self._running:
             await asyncio.wait(list(self._running.values()))
-
-    async def _abandon_in_flight(self) -> None:
-        """The server re-queues what a lost stream held: results would be refused."""
-        tasks = list(self._running.values())
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _leave(self, client: OpsCoreClient) -> None:
         try:
@@ -305,74 +410,144 @@ class Agent:
         except OpsCoreError as exc:
             log.warning("could not sign off", extra={"agent_id": self.agent_id, "error": str(exc)})
 
+    def _local_time(self, moment: datetime) -> float:
+        """A server-clock instant as a time.monotonic() instant."""
+        server_now = datetime.now(UTC) + self._clock_offset
+        return time.monotonic() + (moment - server_now).total_seconds()
+
     # -- one task ------------------------------------------------------------------
 
-    async def _execute(self, client: OpsCoreClient, assignment: types.TaskAssignment) -> None:
-        token = assignment.task_token
+    async def _execute(
+        self, client: OpsCoreClient, assignment: types.TaskAssignment, received: float
+    ) -> None:
+        """Runs one attempt to its answer: the handler's result or failure, or the
+        start_to_close timeout; nothing when the attempt was taken away."""
+        ctx = TaskContext(assignment, client, self._local_time)
         handler = self._handlers.get(assignment.agent_capability)
         if handler is None:
             message = f"agent {self.agent_id} has no handler for {assignment.agent_capability!r}"
-            await self._report(client.fail_task(token, message, retryable=True))
+            await self._answer(ctx, "fail", client.fail_task, message, True)
             return
-        ctx = TaskContext(assignment, client)
-        work = asyncio.current_task()
-        assert work is not None
-        keeper = asyncio.create_task(self._keep_lease(ctx, work))
+        run = asyncio.create_task(self._invoke(handler, ctx))
+        keeper = asyncio.create_task(self._keep_lease(ctx, run))
+        limit = assignment.start_to_close
+        remaining = None if limit is None else received + limit - time.monotonic()
         try:
-            try:
-                result = await self._invoke(handler, ctx)
-            finally:
-                keeper.cancel()
+            done, _ = await asyncio.wait({run}, timeout=remaining)
         except asyncio.CancelledError:
-            if not ctx.cancel_requested:
-                raise
-            work.uncancel()
-            log.info("task cancelled", extra={"task_id": ctx.task_id, "session_id": ctx.session_id})
-        except NonRetryableError as exc:
-            await self._report(client.fail_task(token, _describe(exc), retryable=False))
-        except Exception as exc:
-            log.warning("task handler failed", exc_info=exc, extra={"task_id": ctx.task_id})
-            await self._report(client.fail_task(token, _describe(exc), retryable=True))
+            run.cancel()
+            raise
+        finally:
+            keeper.cancel()
+        if not done:
+            assert limit is not None
+            message = f"start_to_close timeout of {limit:g}s reached; handler cancelled"
+            ctx._cancel(message)
+            run.cancel()
+            log.warning("task timed out", extra={"task_id": ctx.task_id, "limit": limit})
+            await self._answer(ctx, "timeout", client.fail_task, message, True)
+            await asyncio.wait({run})  # an async handler unwinds; a thread cannot be stopped
+            return
+        await self._conclude(client, ctx, run)
+
+    async def _conclude(
+        self, client: OpsCoreClient, ctx: TaskContext, run: asyncio.Task[Any]
+    ) -> None:
+        """Reports how the handler ended (unless the attempt was taken away)."""
+        where = {"task_id": ctx.task_id, "session_id": ctx.session_id, "attempt": ctx.attempt}
+        exc = None if run.cancelled() else run.exception()
+        if ctx.cancelled:
+            log.info("task cancelled", extra={**where, "reason": ctx.cancel_reason})
+        elif run.cancelled():
+            await self._answer(ctx, "fail", client.fail_task, "handler was cancelled", True)
+        elif isinstance(exc, NonRetryableError | InputError):
+            log.warning("task failed, not retryable", extra={**where, "error": str(exc)})
+            await self._answer(ctx, "fail", client.fail_task, _describe(exc), False)
+        elif exc is not None:
+            log.warning("task handler failed", exc_info=exc, extra=where)
+            await self._answer(ctx, "fail", client.fail_task, _describe(exc), True)
         else:
-            output = result if isinstance(result, dict) else {"result": result}
-            await self._report(client.complete_task(token, output))
+            await self._complete(client, ctx, run.result())
 
-    @staticmethod
-    async def _invoke(handler: HandlerFn, ctx: TaskContext) -> Any:
-        if inspect.iscoroutinefunction(handler):
-            return await handler(ctx)
-        return await asyncio.to_thread(handler, ctx)
+    async def _complete(self, client: OpsCoreClient, ctx: TaskContext, result: Any) -> None:
+        """Sends the converted result; a result that cannot be sent, or that the server
+        refuses as too large, fails the task at once."""
+        try:
+            output = to_output(result)
+        except ResultError as exc:
+            log.warning(
+                "task result cannot be sent", extra={"task_id": ctx.task_id, "error": str(exc)}
+            )
+            await self._answer(ctx, "fail", client.fail_task, _describe(exc), False)
+            return
+        try:
+            await self._answer(ctx, "complete", client.complete_task, output)
+        except InvalidArgumentError as exc:
+            message = f"the server refused the result: {exc}"
+            log.warning("task result refused", extra={"task_id": ctx.task_id, "error": str(exc)})
+            await self._answer(
+                ctx, "fail", client.fail_task, message[:MAX_ERROR_MESSAGE_LENGTH], False
+            )
 
-    async def _keep_lease(self, ctx: TaskContext, work: asyncio.Task[Any]) -> None:
+    async def _invoke(self, handler: _Handler, ctx: TaskContext) -> Any:
+        args: tuple[Any, ...] = (ctx,)
+        if handler.input is not None:
+            args = (ctx, parse_input(handler.input, {**ctx.input, **ctx.parameters}))
+        if inspect.iscoroutinefunction(handler.fn):
+            return await handler.fn(*args)
+        assert self._pool is not None
+        call = contextvars.copy_context().run
+        return await asyncio.get_running_loop().run_in_executor(self._pool, call, handler.fn, *args)
+
+    async def _keep_lease(self, ctx: TaskContext, run: asyncio.Task[Any]) -> None:
         """Heartbeats the task every third of its lease; cancels the handler when the
-        server asks to stop or the attempt is no longer current."""
-        lease = (
-            ctx.assignment.lease
-            or (ctx.deadline - (datetime.now(UTC) + self._clock_offset)).total_seconds()
-        )
+        server asks to stop, the attempt is no longer current, or the lease ran out
+        with the server unreachable. Stops at the attempt's start_to_close deadline,
+        which no heartbeat can extend (the worker's own timer ends the attempt)."""
+        lease = ctx.assignment.lease or (ctx._lease_end - time.monotonic())
         interval = max(MIN_LEASE_HEARTBEAT, (lease if lease > 0 else DEFAULT_LEASE) / 3)
+        end = ctx.assignment.attempt_deadline
+        attempt_end = None if end is None else self._local_time(end)
         while True:
             await asyncio.sleep(interval)
+            if attempt_end is not None and time.monotonic() >= attempt_end:
+                return
             try:
                 cancel = await ctx.heartbeat()
-            except TaskDispatchError:
-                ctx._mark_cancelled()
+            except _UNREACHABLE:
+                ctx._cancel(LEASE_LOST)
                 cancel = True
             except OpsCoreError as exc:
                 log.warning("task heartbeat failed", extra={"error": str(exc)})
                 continue
             if cancel:
-                work.cancel()
+                run.cancel()
                 return
 
     @staticmethod
-    async def _report(call: Awaitable[None]) -> None:
-        """A refused report (attempt superseded, session cancelled, server gone for
-        longer than the retries) is logged: the server re-queues or already moved on."""
+    async def _answer(
+        ctx: TaskContext, what: str, send: Callable[..., Awaitable[None]], *args: Any
+    ) -> None:
+        """Sends an answer, retried while the server is unreachable until the lease
+        has surely ended. A refusal (the attempt already ended or was superseded) is
+        expected after a timeout or a restart and is only logged; InvalidArgumentError
+        is raised for the caller to handle."""
+        where = {"task_id": ctx.task_id, "session_id": ctx.session_id, "answer": what}
         try:
-            await call
+            await send(ctx.assignment.task_token, *args, retry_until=ctx._answer_until)
+        except TaskDispatchError as exc:
+            log.info(
+                "task answer refused: the attempt already ended", extra={**where, "error": str(exc)}
+            )
+        except _UNREACHABLE as exc:
+            log.warning(
+                "task answer not delivered before the lease ended",
+                extra={**where, "error": str(exc)},
+            )
+        except InvalidArgumentError:
+            raise
         except OpsCoreError as exc:
-            log.warning("task report not accepted", extra={"error": str(exc)})
+            log.warning("task answer not accepted", extra={**where, "error": str(exc)})
 
 
 def _describe(exc: BaseException) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from datetime import datetime
@@ -29,7 +30,7 @@ from opspawn.opscore.v1 import (
 )
 
 from opscore.protocol.enums import AgentEventType, AgentState, SessionStatus
-from opscore.protocol.errors import InvalidArgumentError
+from opscore.protocol.errors import InvalidArgumentError, ResourceLimitError, WatcherTooSlowError
 from opscore.sdk import convert, types
 from opscore.sdk.errors import from_rpc_error
 
@@ -49,8 +50,18 @@ CHANNEL_OPTIONS = [
     ("grpc.keepalive_time_ms", 30_000),
 ]
 
-# Watch failures after which the watch reconnects and resumes.
-_RESUMABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})
+# Failures a call with a retry deadline (`retry_until`) outlasts: the server is down
+# or restarting, or did not answer in time (the answers it is used for are idempotent).
+_TRANSIENT = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+
+
+def _resumable(err: grpc.aio.AioRpcError) -> bool:
+    """Whether a watch reconnects and resumes after `err`: a lost connection or a
+    restart, being dropped as too slow, or a watcher limit. gRPC's own
+    RESOURCE_EXHAUSTED (a message over the size limit) would recur, so it is raised."""
+    if err.code() is grpc.StatusCode.UNAVAILABLE:
+        return True
+    return isinstance(from_rpc_error(err), (WatcherTooSlowError, ResourceLimitError))
 
 
 def backoff_delay(attempt: int) -> float:
@@ -163,16 +174,24 @@ class OpsCoreClient:
         request: Req,
         *,
         idempotent: bool,
+        until: float | None = None,
     ) -> Resp:
+        """Calls `rpc`; an idempotent call is retried while UNAVAILABLE, `retries`
+        times, or with `until` (a time.monotonic() instant) while UNAVAILABLE or
+        DEADLINE_EXCEEDED for as long as a retry would start before that instant."""
         attempt = 0
         while True:
             try:
                 return await rpc(request, timeout=self.timeout)
             except grpc.aio.AioRpcError as err:
-                retry = idempotent and attempt < self.retries
-                if not (retry and err.code() == grpc.StatusCode.UNAVAILABLE):
+                delay = backoff_delay(attempt)
+                if until is None:
+                    retry = attempt < self.retries and err.code() == grpc.StatusCode.UNAVAILABLE
+                else:
+                    retry = err.code() in _TRANSIENT and time.monotonic() + delay < until
+                if not (idempotent and retry):
                     raise from_rpc_error(err) from err
-            await asyncio.sleep(backoff_delay(attempt))
+            await asyncio.sleep(delay)
             attempt += 1
 
     # ----------------------------------------------------------------- LifecycleService
@@ -281,7 +300,9 @@ class OpsCoreClient:
         iterating. With send_initial_state it resumes after the SYNCED event (a
         disconnect during the snapshot starts the snapshot again). A live-only watch
         that has seen no event yet resumes live-only. RevisionCompactedError is raised
-        when the resume point has been compacted away: list the agents and watch anew.
+        when the resume point has been compacted away, RevisionAheadError when the
+        server has not reached it (another server, or a database restored from an
+        older copy): list the agents and watch anew.
         """
         ids = list(agent_ids)
         resume = since_revision
@@ -303,7 +324,7 @@ class OpsCoreClient:
                             resume, initial = event.revision, False
                         yield event
             except grpc.aio.AioRpcError as err:
-                if err.code() not in _RESUMABLE:
+                if not _resumable(err):
                     raise from_rpc_error(err) from err
             finally:
                 call.cancel()
@@ -381,12 +402,18 @@ class OpsCoreClient:
         return convert.session(msg)
 
     async def stream_tasks(
-        self, agent_id: str, max_in_flight: int = 1
+        self, agent_id: str, max_in_flight: int = 1, held_task_tokens: Iterable[str] = ()
     ) -> AsyncIterator[types.TaskAssignment]:
         """The agent's dispatch channel: tasks pushed as they become ready. Not
-        resumed: when it ends, the tasks it held are re-queued, so the caller
-        reconnects itself (the `Agent` worker does)."""
-        request = workflow_pb2.StreamTasksRequest(agent_id=agent_id, max_in_flight=max_in_flight)
+        resumed: the caller reconnects itself (the `Agent` worker does), naming in
+        `held_task_tokens` the attempts it still works on; the new stream takes them
+        over (they count against max_in_flight) and their answers are accepted within
+        their leases. Attempts the agent held but does not name are re-queued."""
+        request = workflow_pb2.StreamTasksRequest(
+            agent_id=agent_id,
+            max_in_flight=max_in_flight,
+            held_task_tokens=list(held_task_tokens),
+        )
         call = self._workflow.StreamTasks(request)
         try:
             async for msg in call:
@@ -396,23 +423,47 @@ class OpsCoreClient:
         finally:
             call.cancel()
 
-    async def complete_task(self, task_token: str, output: dict[str, Any] | None = None) -> None:
+    # The three answers of a task attempt. With `retry_until` (a time.monotonic()
+    # instant, e.g. the lease end) an answer outlasts a server restart: it is retried
+    # until then while the server is unreachable; the Agent worker passes its lease.
+
+    async def complete_task(
+        self,
+        task_token: str,
+        output: dict[str, Any] | None = None,
+        *,
+        retry_until: float | None = None,
+    ) -> None:
+        """Reports a successful attempt. AttemptEndedError when the attempt was
+        superseded or ended otherwise (timed out, cancelled); repeating an accepted
+        completion is a no-op."""
         request = workflow_pb2.CompleteTaskRequest(
             task_token=task_token, output=convert.to_struct(output)
         )
-        await self._call(self._workflow.CompleteTask, request, idempotent=True)
+        await self._call(self._workflow.CompleteTask, request, idempotent=True, until=retry_until)
 
-    async def fail_task(self, task_token: str, error_message: str, retryable: bool = True) -> None:
+    async def fail_task(
+        self,
+        task_token: str,
+        error_message: str,
+        retryable: bool = True,
+        *,
+        retry_until: float | None = None,
+    ) -> None:
         """Reports a failed attempt; retryable=False fails the task without retries."""
         request = workflow_pb2.FailTaskRequest(
             task_token=task_token, error_message=error_message, retryable=retryable
         )
-        await self._call(self._workflow.FailTask, request, idempotent=True)
+        await self._call(self._workflow.FailTask, request, idempotent=True, until=retry_until)
 
-    async def heartbeat_task(self, task_token: str) -> types.TaskHeartbeat:
+    async def heartbeat_task(
+        self, task_token: str, *, retry_until: float | None = None
+    ) -> types.TaskHeartbeat:
         """Extends the attempt's lease; stop the work when `cancel_requested`."""
         request = workflow_pb2.HeartbeatTaskRequest(task_token=task_token)
-        msg = await self._call(self._workflow.HeartbeatTask, request, idempotent=True)
+        msg = await self._call(
+            self._workflow.HeartbeatTask, request, idempotent=True, until=retry_until
+        )
         return convert.task_heartbeat(msg)
 
     # ----------------------------------------------------------------- SessionService
@@ -472,7 +523,8 @@ class OpsCoreClient:
     ) -> AsyncIterator[types.SessionEvent]:
         """The session's history after since_sequence, then live events; ends after the
         terminal event. Resumes after the last yielded event when disconnected, so
-        nothing is lost or repeated across a server restart."""
+        nothing is lost or repeated across a server restart. SequenceAheadError when
+        since_sequence is beyond the session's last event."""
         resume = since_sequence
         failures = 0
         while True:
@@ -487,7 +539,7 @@ class OpsCoreClient:
                     if event.terminal:
                         return
             except grpc.aio.AioRpcError as err:
-                if err.code() not in _RESUMABLE:
+                if not _resumable(err):
                     raise from_rpc_error(err) from err
             finally:
                 call.cancel()
