@@ -112,8 +112,12 @@ class SqliteEngine:
 
     def _open_writer(self) -> None:
         self._path.parent.mkdir(parents=True, exist_ok=True)
+        doing = f"cannot open database {self._path}"
         try:
             conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
+        except sqlite3.Error as exc:
+            raise self._error(exc, doing) from exc
+        try:
             if self._quick_check:
                 self._check(conn)
             conn.execute("PRAGMA journal_mode=WAL")
@@ -123,14 +127,18 @@ class SqliteEngine:
             if self._inline:
                 conn.execute("PRAGMA wal_autocheckpoint=0")  # _checkpoint does it
             migrate(conn)
-        except sqlite3.Error as exc:
-            raise self._error(exc, f"cannot open database {self._path}") from exc
+            revision = agents_sql.read_revision(conn)
+            if self._inline:
+                self._checkpoint_conn = sqlite3.connect(
+                    self._path, isolation_level=None, check_same_thread=False
+                )
+        except Exception as exc:
+            conn.close()  # a refused start leaves no connection behind
+            if isinstance(exc, sqlite3.Error):
+                raise self._error(exc, doing) from exc
+            raise
         self._conn = conn
-        self._revision = self.committed_revision = agents_sql.read_revision(conn)
-        if self._inline:
-            self._checkpoint_conn = sqlite3.connect(
-                self._path, isolation_level=None, check_same_thread=False
-            )
+        self._revision = self.committed_revision = revision
 
     def _check(self, conn: sqlite3.Connection) -> None:
         """Refuses a damaged file before serving from it (or migrating it): without
@@ -311,8 +319,8 @@ class SqliteEngine:
         """Runs `fn` on a reader thread inside one read transaction (one snapshot)."""
 
         def run() -> R:
-            conn = self._reader()
             try:
+                conn = self._reader()
                 conn.execute("BEGIN")
                 try:
                     result = fn(conn)
