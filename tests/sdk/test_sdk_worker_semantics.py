@@ -401,3 +401,46 @@ async def test_a_handler_outlives_a_server_killed_with_sigkill(
     assert done.status is SessionStatus.COMPLETED and done.output == {"a": {"attempt": 1}}
     assert done.task("a").attempt == 1 and runs == [1]
     assert not running.done()
+
+
+async def test_a_handler_whose_lease_ran_out_while_the_server_was_down_is_cancelled(
+    spawn_server: SpawnServer, tmp_path: Path, run_agent: RunAgent, definition: Definition
+) -> None:
+    """Heartbeats are retried while the server is away, but only until the lease has
+    surely ended: then the handler is told to stop (the server times that attempt
+    out), and once the server is back the task runs again and completes."""
+    db, port = tmp_path / "lost.db", free_port()
+    first = await spawn_server(db, port=port, OPSCORE_SCHEDULER_INTERVAL="0.05")
+    agent = Agent(first.address, agent_id="orphan-1", heartbeat_interval=0.2)
+    started = asyncio.Event()
+    reasons: list[str] = []
+
+    @agent.handler("cap")
+    async def work(ctx: TaskContext) -> dict[str, int]:
+        if not started.is_set():
+            started.set()
+            try:
+                await asyncio.sleep(60)
+            except asyncio.CancelledError:
+                reasons.append(ctx.cancel_reason)
+                raise
+        return {"attempt": ctx.attempt}
+
+    run_agent(agent)
+    async with OpsCoreClient(first.address, timeout=5) as client:
+        retry = {"max_attempts": 3, "initial_interval": "0.05s"}
+        await client.create_workflow(
+            definition("wf", ("a", "cap"), timeout="0.5s", retry_policy=retry)
+        )
+        session = await client.start_workflow("wf")
+        await asyncio.wait_for(started.wait(), 10)
+        first.kill()
+        assert await first.wait_exit(10) is not None
+
+        async def told() -> bool:
+            return reasons == ["the lease ran out while the server was unreachable"]
+
+        await eventually(told, within=15)
+        await spawn_server(db, port=port, OPSCORE_SCHEDULER_INTERVAL="0.05")
+        done = await finished(client, session.session_id)
+    assert done.status is SessionStatus.COMPLETED
