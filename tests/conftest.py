@@ -380,7 +380,7 @@ def lifecycle(channel: grpc.aio.Channel) -> Stub:
 class ServerProcess:
     """`python -m opscore serve` as a child process; stderr goes to a log file."""
 
-    def __init__(self, db: Path, log: Path, env: dict[str, str]) -> None:
+    def __init__(self, db: Path, log: Path, env: dict[str, str], port: int = 0) -> None:
         self.db = db
         self.log = log
         self._log_file = log.open("wb")
@@ -388,7 +388,7 @@ class ServerProcess:
         self.proc = subprocess.Popen(
             [
                 sys.executable,
-                *("-m", "opscore", "serve", "--host", "127.0.0.1", "--port", "0"),
+                *("-m", "opscore", "serve", "--host", "127.0.0.1", "--port", str(port)),
                 *("--db", str(db)),
             ],
             cwd=REPO_ROOT,
@@ -464,14 +464,15 @@ async def spawn_server(tmp_path: Path) -> AsyncIterator[SpawnServer]:
     """Starts `python -m opscore serve` on a db file and waits until it serves.
 
     Call as `await spawn_server(db_path, OPSCORE_SHUTDOWN_GRACE="1")`; extra keyword
-    arguments become environment variables. Processes still alive are killed at
-    teardown.
+    arguments become environment variables; `port` (default: any free one) lets a
+    restarted server take its predecessor's address. Processes still alive are
+    killed at teardown.
     """
     processes: list[ServerProcess] = []
 
-    async def spawn(db: Path | None = None, **env: str) -> ServerProcess:
+    async def spawn(db: Path | None = None, port: int = 0, **env: str) -> ServerProcess:
         log = tmp_path / f"server-{len(processes)}.log"
-        process = ServerProcess(db or tmp_path / "opscore.db", log, env)
+        process = ServerProcess(db or tmp_path / "opscore.db", log, env, port)
         processes.append(process)
         await process.wait_serving()
         return process
