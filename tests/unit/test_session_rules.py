@@ -556,3 +556,12 @@ def test_any_history_is_gap_free_and_ends_once(outcomes: list[str], attempts: in
         assert run.ended_at is not None
     for task in run.tasks.values():
         assert task.failures <= attempts
+
+
+def test_undelivering_an_attempt_past_its_lease_times_it_out() -> None:
+    """An attempt taken back after its lease ran out counts: it timed out."""
+    run = start(wf(t("a", timeout=10, retry_policy=RetryPolicy(max_attempts=2))))
+    key = run.dispatch("a", "x", T0).key
+    run.undeliver("a", key.attempt, "agent reconnected without it", at(10), FixedRandom(0))
+    assert types(run)[-2:] == ["TASK_TIMED_OUT", "TASK_RETRY_SCHEDULED"]
+    assert (run.tasks["a"].attempt, run.tasks["a"].failures) == (1, 1)

@@ -69,7 +69,9 @@ class TaskQueue:
         now = self._clock.now()
 
         def taker(key: TaskKey) -> Callable[[Session], None]:
-            return lambda session: session.undeliver(key.task_id, key.attempt, reason, now)
+            return lambda session: session.undeliver(
+                key.task_id, key.attempt, reason, now, self.rng
+            )
 
         return await self._change_each(keys, taker)
 

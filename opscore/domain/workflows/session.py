@@ -296,12 +296,23 @@ class Session:
             return
         self._queue(task, now, reason=reason)
 
-    def undeliver(self, task_id: str, attempt: int, reason: str, now: datetime) -> None:
-        """Takes back an attempt that was committed but never reached its agent (the
-        stream closed first): the task is ready again under the same attempt number,
-        so attempts count only what agents actually received."""
+    def undeliver(
+        self,
+        task_id: str,
+        attempt: int,
+        reason: str,
+        now: datetime,
+        rng: random.Random | None = None,
+    ) -> None:
+        """Takes back an attempt that never reached its agent (the stream closed first,
+        or the reconnecting agent does not hold it): the task is ready again under the
+        same attempt number, so attempts count only what agents received. An attempt
+        whose lease has already run out times out instead."""
         task = self.tasks[task_id]
-        if task.attempt != attempt or task.status not in LEASED:
+        if task.attempt != attempt:
+            return
+        self._time_out_if_due(task, now, rng)
+        if task.status not in LEASED:
             return
         self._end_attempt(task, "", now)
         task.attempt -= 1
