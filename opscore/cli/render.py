@@ -176,18 +176,26 @@ def _none(what: str) -> Text:
 def agent_table(agents: Sequence[Agent]) -> RenderableType:
     if not agents:
         return _none("agents")
-    table = _table("AGENT", "NAME", "STATE", "CAPABILITIES", "VERSION", "HEARTBEAT", "REV")
+    table = _table(
+        "AGENT", "NAME", "STATE", "CONNECTED", "CAPABILITIES", "VERSION", "LAST CONTACT", "REV"
+    )
     for a in agents:
         table.add_row(
             a.agent_id,
             a.name,
             badge(a.state),
+            connection(a),
             ", ".join(a.capabilities),
             a.version,
-            when(a.last_heartbeat_at),
+            when(a.last_contact_at or a.last_heartbeat_at),
             str(a.revision),
         )
     return table
+
+
+def connection(a: Agent) -> str:
+    """Whether the agent has a task stream open on the server, and its free slots."""
+    return f"yes, {a.free_slots} free" if a.connected else "no"
 
 
 def agent_view(a: Agent) -> RenderableType:
@@ -203,6 +211,8 @@ def agent_view(a: Agent) -> RenderableType:
             ("Metadata", ", ".join(f"{k}={v}" for k, v in a.metadata.items())),
             ("Registered", when(a.registered_at)),
             ("State updated", when(a.state_updated_at)),
+            ("Connected", connection(a)),
+            ("Last contact", when(a.last_contact_at or a.last_heartbeat_at)),
             ("Last heartbeat", when(a.last_heartbeat_at)),
             ("Revision", str(a.revision)),
         ]

@@ -66,8 +66,11 @@ class OpsCoreServer:
         liveness = Liveness(store, clock, settings.liveness())
         self._agent_watch = AgentWatch(store, clock, settings.watch())
         queue = TaskQueue(store, clock)
-        self._dispatcher = Dispatcher(queue, registry.ready_for_work, settings.dispatch())
+        self._dispatcher = Dispatcher(
+            queue, clock, registry.ready_for_work, liveness.stream_lost, settings.dispatch()
+        )
         queue.explain = self._dispatcher.waiting_reason
+        liveness.presence = self._dispatcher.presence
         self._engine = WorkflowEngine(
             store, clock, settings.workflows(), registry, queue, self._dispatcher
         )
@@ -87,7 +90,9 @@ class OpsCoreServer:
         ]
         limits = settings.limits()
         self._servicers = (
-            LifecycleServicer(registry, liveness, self._agent_watch, limits),
+            LifecycleServicer(
+                registry, liveness, self._agent_watch, limits, self._dispatcher.presence
+            ),
             WorkflowServicer(self._engine, limits),
             SessionServicer(self._sessions, self._engine),
         )
@@ -113,9 +118,16 @@ class OpsCoreServer:
                 ("grpc.max_concurrent_streams", settings.max_concurrent_streams),
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", limit),
-                ("grpc.keepalive_time_ms", 60_000),
-                ("grpc.keepalive_timeout_ms", 20_000),
-                ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+                ("grpc.keepalive_time_ms", int(settings.keepalive_time * 1000)),
+                ("grpc.keepalive_timeout_ms", int(settings.keepalive_timeout * 1000)),
+                # Pings keep coming on an idle stream (the default stops after two).
+                ("grpc.http2.max_pings_without_data", 0),
+                # The least interval between client pings accepted (more often is a
+                # "too_many_pings" strike); named "min_recv" in gRPC core.
+                (
+                    "grpc.http2.min_ping_interval_without_data_ms",
+                    int(settings.keepalive_min_ping_interval * 1000),
+                ),
                 ("grpc.keepalive_permit_without_calls", 1),
                 ("grpc.so_reuseport", 0),
             ],

@@ -41,9 +41,20 @@ class Settings(BaseSettings):
     # so a huge one may start without it (damage then surfaces as DATA_LOSS).
     sqlite_quick_check: bool = SqliteConfig.quick_check
 
-    # Agents silent this long go OFFLINE; checked every liveness_check_interval.
+    # Agents silent this long go OFFLINE; checked every liveness_check_interval. An
+    # open task stream is contact: its agent is never silent.
     liveness_timeout: float = Field(30.0, gt=0)
     liveness_check_interval: float = Field(5.0, gt=0)
+    # An agent whose last task stream closed goes OFFLINE unless it opens a new one
+    # within this many seconds (its leased attempts are kept for it meanwhile).
+    stream_grace: float = Field(5.0, ge=0)
+    # HTTP/2 keepalive: the server pings each connection after keepalive_time seconds
+    # without traffic and drops it when no answer comes within keepalive_timeout, so a
+    # vanished agent's stream closes. Clients may ping every keepalive_min_ping_interval
+    # seconds (the SDK pings every 30 s).
+    keepalive_time: float = Field(20.0, gt=0)
+    keepalive_timeout: float = Field(10.0, gt=0)
+    keepalive_min_ping_interval: float = Field(10.0, gt=0)
     # State reports observed further in the future than this are refused.
     max_clock_skew: float = Field(60.0, ge=0)
 
@@ -143,7 +154,10 @@ class Settings(BaseSettings):
         )
 
     def dispatch(self) -> DispatchConfig:
-        return DispatchConfig(max_streams_per_agent=self.max_task_streams_per_agent)
+        return DispatchConfig(
+            max_streams_per_agent=self.max_task_streams_per_agent,
+            stream_grace=self.stream_grace,
+        )
 
     def sessions(self) -> SessionsConfig:
         return SessionsConfig(

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import time
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import typer
@@ -11,6 +14,9 @@ from cli_support import Cli, read_json_lines, read_until
 
 from opscore.cli.agents import REPORTED_STATES, STATES
 from opscore.protocol.enums import REPORTABLE_STATES, AgentState
+
+if TYPE_CHECKING:
+    from conftest import StartWorker
 
 
 def test_state_choices_are_the_domain_states() -> None:
@@ -113,3 +119,32 @@ async def test_watch(cli: Cli) -> None:
     board.send_signal(signal.SIGINT)
     _, err = await asyncio.wait_for(board.communicate(), 10)
     assert (board.returncode, err) == (130, b"")
+
+
+async def test_list_and_get_show_connection_free_slots_and_last_contact(
+    cli: Cli, start_worker: StartWorker
+) -> None:
+    """`agent list` and `agent get` say whether an agent has a task stream open, how many
+    of its slots are free, and when the server last heard from it."""
+    await cli.ok("agent", "register", "--id", "idle-1", "--name", "Idle", "--capability", "x")
+    start_worker()
+    deadline = time.monotonic() + 15
+    worker: dict[str, Any] = {}
+    while not worker.get("connected"):
+        assert time.monotonic() < deadline, f"worker-1 never connected: {worker}"
+        await asyncio.sleep(0.1)
+        listed = await cli.json("agent", "list")
+        worker = next((a for a in listed if a["agent_id"] == "worker-1"), {})
+    assert worker["free_slots"] == 1
+    contact = datetime.fromisoformat(worker["last_contact_at"])
+    assert contact >= datetime.fromisoformat(worker["last_heartbeat_at"])
+    idle = await cli.json("agent", "get", "idle-1")
+    assert (idle["connected"], idle["free_slots"]) == (False, 0)
+    assert idle["last_contact_at"] == idle["last_heartbeat_at"]
+
+    table = await cli.ok("agent", "list", COLUMNS="200")
+    rows = {line.split()[1]: line for line in table.out.splitlines() if "-1 " in line}
+    assert "yes, 1 free" in rows["worker-1"]
+    assert " no " in rows["idle-1"]
+    one = await cli.ok("agent", "get", "worker-1")
+    assert "Connected" in one.out and "yes, 1 free" in one.out and "Last contact" in one.out

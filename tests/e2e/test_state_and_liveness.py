@@ -1,18 +1,30 @@
-"""State reports (UpdateAgentState), heartbeats, and the liveness sweeper on a fake clock."""
+"""State reports (UpdateAgentState), heartbeats, the liveness sweeper, and open task
+streams as presence (connected, free slots, last contact, the grace after a stream
+closes), on a fake clock."""
 
 from __future__ import annotations
 
-from datetime import UTC, timedelta
+import asyncio
+import signal
+import subprocess
+import sys
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
 import grpc
 import pytest
+from google.protobuf import timestamp_pb2
 from opspawn.opscore.v1 import lifecycle_pb2 as pb
+from opspawn.opscore.v1 import session_pb2 as S
+from workflow_support import eventually, of_type, single, to_dict
 
 from opscore.domain.clock import FakeClock
 
 if TYPE_CHECKING:
     from conftest import Rpc, Stub
+    from workflow_support import Harness
+
+    from opscore.server.app import OpsCoreServer
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 
@@ -300,3 +312,153 @@ async def test_offline_agent_comes_back_idle_on_heartbeat(
     assert [(e.type, e.agent.state) for e in events] == [
         (pb.AGENT_EVENT_TYPE_STATE_CHANGED, pb.AGENT_STATE_IDLE)
     ]
+
+
+# --------------------------------------------------------------------------- open streams
+
+# An agent process that takes one task and works on it until killed.
+HOLDING_AGENT = """
+import asyncio, sys
+from opscore.sdk import Agent, TaskContext
+
+agent = Agent(sys.argv[1], agent_id=sys.argv[2], capabilities=["work"], max_in_flight=1)
+
+@agent.handler("work")
+async def work(ctx: TaskContext) -> None:
+    await asyncio.Event().wait()
+
+asyncio.run(agent.run())
+"""
+
+
+def when(stamp: timestamp_pb2.Timestamp) -> datetime:
+    return stamp.ToDatetime(tzinfo=UTC)
+
+
+async def agent_record(ops: Harness, agent_id: str) -> pb.Agent:
+    return await ops.lifecycle.GetAgent(pb.GetAgentRequest(agent_id=agent_id))
+
+
+async def wait_connected(ops: Harness, agent_id: str, connected: bool) -> pb.Agent:
+    """Polls GetAgent until the server sees the agent's stream open (or closed)."""
+    seen: list[pb.Agent] = []
+
+    async def check() -> bool:
+        seen[:] = [await agent_record(ops, agent_id)]
+        return seen[0].connected is connected
+
+    await eventually(check, within=10, message=f"agent {agent_id} connected={connected}")
+    return seen[0]
+
+
+@pytest.mark.opscore_settings(stream_grace=2)
+async def test_agents_show_connected_free_slots_and_last_contact(
+    ops: Harness, rpc: Rpc, clock: FakeClock
+) -> None:
+    """Get, List and Watch show whether an agent has a task stream open, its free slots
+    and the server time of its last contact: now while the stream is open (however long
+    since its last heartbeat), the moment it closed once it has."""
+    conn = await ops.agent("worker", ["work"], max_in_flight=3, connect=False)
+    registered = await agent_record(ops, "worker")
+    assert (registered.connected, registered.free_slots) == (False, 0)
+    assert registered.last_contact_at == registered.last_heartbeat_at
+    watch = ops.lifecycle.WatchAgentStates(pb.WatchAgentStatesRequest(send_initial_state=True))
+    try:
+        snapshot = await rpc.read_events(watch, lambda events: len(events) >= 2)
+        assert snapshot[0].agent.connected is False
+
+        await conn.connect()
+        (ready,) = await rpc.read_events(watch, lambda events: len(events) >= 1)
+        assert (ready.type, ready.agent.state) == (
+            pb.AGENT_EVENT_TYPE_STATE_CHANGED,
+            pb.AGENT_STATE_IDLE,
+        )
+        assert (ready.agent.connected, ready.agent.free_slots) == (True, 3)
+
+        await ops.start(single())
+        await conn.next()
+        await clock.advance(50)  # within the task's 60 s lease
+        working = await agent_record(ops, "worker")
+        assert (working.connected, working.free_slots) == (True, 2)
+        assert when(working.last_contact_at) == clock.now()
+        assert when(working.last_heartbeat_at) < clock.now()
+        (listed,) = (await ops.lifecycle.ListAgents(pb.ListAgentsRequest())).agents
+        assert (listed.connected, listed.free_slots) == (True, 2)
+        assert when(listed.last_contact_at) == clock.now()
+
+        await conn.disconnect()
+        closed_at = clock.now()
+        gone = await wait_connected(ops, "worker", False)
+        assert (gone.state, gone.free_slots) == (pb.AGENT_STATE_IDLE, 0)
+        await clock.advance(1)
+        assert when((await agent_record(ops, "worker")).last_contact_at) == closed_at
+
+        async def gone_offline() -> bool:
+            return await ops.agent_state("worker") == pb.AGENT_STATE_OFFLINE
+
+        await ops.tick_until(gone_offline, limit=10)
+        (offline,) = await rpc.read_events(watch, lambda events: len(events) >= 1)
+        assert offline.type == pb.AGENT_EVENT_TYPE_OFFLINE
+        assert (offline.agent.connected, when(offline.agent.last_contact_at)) == (False, closed_at)
+    finally:
+        watch.cancel()
+
+
+@pytest.mark.opscore_settings(stream_grace=2, liveness_timeout=3600)
+async def test_closed_stream_goes_offline_after_the_grace(ops: Harness, rpc: Rpc) -> None:
+    """An agent whose stream closes is OFFLINE (with an OFFLINE event) once the short
+    grace has passed, long before the liveness timeout; one that opens a new stream
+    within the grace stays as it was."""
+    stays = await ops.agent("stays", ["work"])
+    leaves = await ops.agent("leaves", ["work"])
+    before = await agent_record(ops, "stays")
+    last = (await agent_record(ops, "leaves")).revision
+    await stays.disconnect()
+    await leaves.disconnect()
+    await wait_connected(ops, "stays", False)
+    await wait_connected(ops, "leaves", False)
+    await ops.tick(1)
+    await stays.connect()
+    await wait_connected(ops, "stays", True)
+
+    async def left() -> bool:
+        return await ops.agent_state("leaves") == pb.AGENT_STATE_OFFLINE
+
+    assert await ops.tick_until(left, limit=60, step=0.5) < 60
+    await ops.tick(30)
+    after = await agent_record(ops, "stays")
+    assert (after.state, after.revision) == (pb.AGENT_STATE_IDLE, before.revision)
+    offline = await agent_record(ops, "leaves")
+    events = await rpc.replay(ops.lifecycle, last, offline.revision)
+    assert [(e.type, e.agent.agent_id) for e in events] == [(pb.AGENT_EVENT_TYPE_OFFLINE, "leaves")]
+
+
+@pytest.mark.opscore_settings(stream_grace=2, liveness_timeout=3600)
+async def test_killed_agent_process_goes_offline_after_the_grace(
+    ops: Harness, wf_server: OpsCoreServer
+) -> None:
+    """A real SDK agent killed with SIGKILL while it works on a task: its stream closes
+    at once, the agent is OFFLINE after the grace (not the liveness timeout), and its
+    task is re-queued as a failed attempt."""
+    await ops.define(single("held"))
+    session = await ops.start("held")
+    proc = await asyncio.create_subprocess_exec(
+        *(sys.executable, "-c", HOLDING_AGENT, wf_server.address, "doomed"),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+    )
+    try:
+        await ops.wait_status(session.session_id, S.SESSION_STATUS_RUNNING, within=30)
+        working = await wait_connected(ops, "doomed", True)
+        assert (working.state, working.free_slots) == (pb.AGENT_STATE_IDLE, 0)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        await asyncio.wait_for(proc.wait(), 10)
+    assert (await wait_connected(ops, "doomed", False)).state == pb.AGENT_STATE_IDLE
+
+    async def offline() -> bool:
+        return await ops.agent_state("doomed") == pb.AGENT_STATE_OFFLINE
+
+    assert await ops.tick_until(offline, limit=60, step=0.5) < 60
+    history = await ops.wait_event(session.session_id, "TASK_QUEUED", count=2)
+    assert "offline" in to_dict(of_type(history, "TASK_QUEUED")[-1].detail)["reason"]

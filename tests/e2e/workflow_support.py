@@ -146,12 +146,19 @@ class AgentConn:
         self.error: grpc.aio.AioRpcError | None = None
         self._pump_task: asyncio.Task[None] | None = None
 
-    async def connect(self, max_in_flight: int | None = None) -> None:
-        """Opens StreamTasks (the pump reads it in the background)."""
+    async def connect(
+        self, max_in_flight: int | None = None, held: Iterable[Assignment] = ()
+    ) -> None:
+        """Opens StreamTasks (the pump reads it in the background), naming the
+        assignments it still works on (`held`) as a reconnecting agent does."""
         if max_in_flight is not None:
             self.max_in_flight = max_in_flight
         self.error = None
-        request = W.StreamTasksRequest(agent_id=self.agent_id, max_in_flight=self.max_in_flight)
+        request = W.StreamTasksRequest(
+            agent_id=self.agent_id,
+            max_in_flight=self.max_in_flight,
+            held_task_tokens=[a.task_token for a in held],
+        )
         self.call = self.h.workflow.StreamTasks(request)
         self._pump_task = asyncio.create_task(self._pump(self.call))
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime, timedelta
 
 from opspawn.opscore.v1 import lifecycle_pb2 as pb
@@ -13,7 +14,13 @@ from opscore.api.convert.fields import (
     set_time,
     struct_to_dict,
 )
-from opscore.domain.agents.model import Agent, AgentEvent, AgentFilter, AgentRegistration
+from opscore.domain.agents.model import (
+    Agent,
+    AgentEvent,
+    AgentFilter,
+    AgentRegistration,
+    Presence,
+)
 from opscore.protocol.enums import REPORTABLE_STATES, AgentState
 from opscore.protocol.limits import (
     MAX_CAPABILITY_LENGTH,
@@ -112,7 +119,8 @@ def watch_request(req: pb.WatchAgentStatesRequest) -> tuple[AgentFilter, int | N
     return flt, since, req.send_initial_state
 
 
-def agent_to_proto(agent: Agent, out: pb.Agent | None = None) -> pb.Agent:
+def agent_to_proto(agent: Agent, presence: Presence, out: pb.Agent | None = None) -> pb.Agent:
+    """The stored agent plus what this server sees of it now (`presence`)."""
     msg = pb.Agent() if out is None else out
     msg.agent_id = agent.agent_id
     msg.name = agent.name
@@ -127,14 +135,19 @@ def agent_to_proto(agent: Agent, out: pb.Agent | None = None) -> pb.Agent:
     set_time(msg.last_heartbeat_at, agent.last_heartbeat_at)
     set_time(msg.state_observed_at, agent.state_observed_at)
     msg.revision = agent.revision
+    msg.connected = presence.connected
+    msg.free_slots = presence.free_slots
+    set_time(msg.last_contact_at, presence.contact(agent))
     return msg
 
 
-def event_to_proto(event: AgentEvent, out: pb.AgentEvent) -> None:
+def event_to_proto(
+    event: AgentEvent, out: pb.AgentEvent, presence: Callable[[str], Presence]
+) -> None:
     out.revision = event.revision
     out.type = event.type.value  # type: ignore[assignment]
     if event.agent is not None:
-        agent_to_proto(event.agent, out.agent)
+        agent_to_proto(event.agent, presence(event.agent.agent_id), out.agent)
     set_time(out.occurred_at, event.occurred_at)
 
 

@@ -237,14 +237,18 @@ def start_request(
     return definition, struct_to_dict(req.input), req.agent_id, req.request_id
 
 
-def stream_request(req: workflow_pb2.StreamTasksRequest) -> tuple[str, int]:
-    """(agent_id, max_in_flight) of a task stream."""
+def stream_request(req: workflow_pb2.StreamTasksRequest) -> tuple[str, int, tuple[str, ...]]:
+    """(agent_id, max_in_flight, held_task_tokens) of a task stream."""
     v = RequestViolations()
     v.identifier("agent_id", req.agent_id)
     if not 0 <= req.max_in_flight <= MAX_IN_FLIGHT:
         v.add("max_in_flight", f"must be between 1 and {MAX_IN_FLIGHT} (0: 1)")
+    if len(req.held_task_tokens) > MAX_IN_FLIGHT:
+        v.add("held_task_tokens", f"at most {MAX_IN_FLIGHT} tokens")
+    for i, token in enumerate(req.held_task_tokens[:MAX_IN_FLIGHT]):
+        v.text(f"held_task_tokens[{i}]", token, max_len=MAX_TASK_TOKEN_LENGTH, required=True)
     v.raise_if_any()
-    return req.agent_id, req.max_in_flight or 1
+    return req.agent_id, req.max_in_flight or 1, tuple(req.held_task_tokens)
 
 
 def _token(v: RequestViolations, token: str) -> None:

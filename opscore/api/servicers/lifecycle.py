@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
@@ -14,6 +14,7 @@ from opscore.api.convert.framing import EventCache
 from opscore.api.interceptors.auth import current_principal
 from opscore.domain.access import Role
 from opscore.domain.agents.liveness import Liveness
+from opscore.domain.agents.model import Agent, Presence
 from opscore.domain.agents.registry import AgentRegistry
 from opscore.domain.agents.watch import AgentWatch
 from opscore.protocol.limits import RequestLimits
@@ -29,18 +30,24 @@ class LifecycleServicer(lifecycle_pb2_grpc.LifecycleServiceServicer):
         liveness: Liveness,
         watch: AgentWatch,
         limits: RequestLimits,
+        presence: Callable[[str], Presence],
     ) -> None:
+        """`presence`: what the open task streams show of an agent now."""
         self._registry = registry
         self._liveness = liveness
         self._watch = watch
         self._limits = limits
-        self._events = EventCache()
+        self._presence = presence
+        self._events = EventCache(presence)
+
+    def _agent(self, agent: Agent) -> pb.Agent:
+        return convert.agent_to_proto(agent, self._presence(agent.agent_id))
 
     async def RegisterAgent(self, request: pb.RegisterAgentRequest, context: Context) -> pb.Agent:
         registration = convert.registration_from_proto(request, self._limits)
         by_agent = current_principal.get().role is Role.AGENT
         agent, token = await self._registry.register(registration, by_agent=by_agent)
-        response = convert.agent_to_proto(agent)
+        response = self._agent(agent)
         response.agent_token = token or ""
         return response
 
@@ -48,7 +55,7 @@ class LifecycleServicer(lifecycle_pb2_grpc.LifecycleServiceServicer):
         self, request: pb.RotateAgentTokenRequest, context: Context
     ) -> pb.Agent:
         agent, token = await self._registry.rotate_token(require_id("agent_id", request.agent_id))
-        response = convert.agent_to_proto(agent)
+        response = self._agent(agent)
         response.agent_token = token
         return response
 
@@ -56,11 +63,11 @@ class LifecycleServicer(lifecycle_pb2_grpc.LifecycleServiceServicer):
         self, request: pb.DeregisterAgentRequest, context: Context
     ) -> pb.Agent:
         agent_id = require_id("agent_id", request.agent_id)
-        return convert.agent_to_proto(await self._registry.deregister(agent_id))
+        return self._agent(await self._registry.deregister(agent_id))
 
     async def GetAgent(self, request: pb.GetAgentRequest, context: Context) -> pb.Agent:
         agent_id = require_id("agent_id", request.agent_id)
-        return convert.agent_to_proto(await self._registry.get(agent_id))
+        return self._agent(await self._registry.get(agent_id))
 
     async def ListAgents(
         self, request: pb.ListAgentsRequest, context: Context
@@ -68,7 +75,7 @@ class LifecycleServicer(lifecycle_pb2_grpc.LifecycleServiceServicer):
         flt = convert.list_filter(request)
         page = await self._registry.list_agents(flt, request.page_size, request.page_token)
         return pb.ListAgentsResponse(
-            agents=[convert.agent_to_proto(a) for a in page.items],
+            agents=[self._agent(a) for a in page.items],
             next_page_token=page.next_page_token,
             revision=page.revision,
         )
@@ -77,7 +84,7 @@ class LifecycleServicer(lifecycle_pb2_grpc.LifecycleServiceServicer):
         self, request: pb.UpdateAgentStateRequest, context: Context
     ) -> pb.Agent:
         agent = await self._registry.update_state(*convert.state_report(request, self._limits))
-        return convert.agent_to_proto(agent)
+        return self._agent(agent)
 
     async def Heartbeat(
         self, request: pb.HeartbeatRequest, context: Context

@@ -1,14 +1,17 @@
-"""Liveness: agents silent past the timeout go OFFLINE; the agent event history is
-kept to a bounded length. Both run as background jobs wired by the server."""
+"""Liveness: agents silent past the timeout go OFFLINE, and so do agents whose task
+stream closed without a new one within the grace (the dispatcher's timer); the agent
+event history is kept to a bounded length. The sweeps run as background jobs wired by
+the server. An open task stream is contact: its agent is never silent."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 
-from opscore.domain.agents.model import Agent, AgentChange
+from opscore.domain.agents.model import ABSENT, Agent, AgentChange, Presence
 from opscore.domain.clock import Clock
 from opscore.protocol.enums import AgentEventType, AgentState
 from opscore.protocol.errors import AgentNotFoundError
@@ -34,21 +37,53 @@ class Liveness:
         self._store = store
         self._clock = clock
         self.config = config
+        # The live view of open task streams; the composition root sets the dispatcher's.
+        self.presence: Callable[[str], Presence] = lambda agent_id: ABSENT
 
-    async def mark_silent_agents_offline(self) -> int:
-        """Moves every agent silent past the liveness timeout to OFFLINE."""
-        now = self._clock.now()
-        cutoff = now - timedelta(seconds=self.config.timeout)
+    def _offline(
+        self, now: datetime, cutoff: datetime | None
+    ) -> Callable[[Agent | None], AgentChange]:
+        """Decides OFFLINE for an agent without an open stream whose last contact is
+        before `cutoff` (None: whatever its last contact)."""
 
         def decide(current: Agent | None) -> AgentChange:
             if current is None:
                 raise AgentNotFoundError("")  # deregistered meanwhile
-            if current.state is AgentState.OFFLINE or current.last_heartbeat_at >= cutoff:
-                return AgentChange(current, None, now)  # heartbeat arrived meanwhile
+            presence = self.presence(current.agent_id)
+            if (
+                current.state is AgentState.OFFLINE
+                or presence.connected
+                or (cutoff is not None and presence.contact(current) >= cutoff)
+            ):
+                return AgentChange(current, None, now)  # back in contact meanwhile
             offline = current.evolve(state=AgentState.OFFLINE, state_updated_at=now)
             return AgentChange(offline, AgentEventType.OFFLINE, now)
 
-        silent = await self._store.silent_agents(cutoff)
+        return decide
+
+    async def stream_lost(self, agent_id: str) -> None:
+        """The agent's last task stream closed and no new one opened within the grace:
+        OFFLINE, unless it has reconnected meanwhile."""
+        try:
+            _, event = await self._store.change_agent(
+                agent_id, self._offline(self._clock.now(), None)
+            )
+        except AgentNotFoundError:
+            return  # deregistered meanwhile
+        if event is not None:
+            log.warning("agent offline: its task stream closed", extra={"agent_id": agent_id})
+
+    async def mark_silent_agents_offline(self) -> int:
+        """Moves every agent silent past the liveness timeout to OFFLINE; an agent with
+        an open task stream is in contact, however long since its last heartbeat."""
+        now = self._clock.now()
+        cutoff = now - timedelta(seconds=self.config.timeout)
+        decide = self._offline(now, cutoff)
+        silent = [
+            agent_id
+            for agent_id in await self._store.silent_agents(cutoff)
+            if not self.presence(agent_id).connected
+        ]
         results = await asyncio.gather(
             *(self._store.change_agent(agent_id, decide) for agent_id in silent),
             return_exceptions=True,

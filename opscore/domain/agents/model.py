@@ -82,6 +82,27 @@ class Agent:
 
 
 @dataclass(frozen=True)
+class Presence:
+    """What this server process sees of an agent now, from its open task streams; not
+    stored (a server that just started has seen nobody)."""
+
+    connected: bool
+    free_slots: int
+    # Now while a stream is open, else when the last one closed (None: no stream
+    # since this server started).
+    last_contact_at: datetime | None
+
+    def contact(self, agent: Agent) -> datetime:
+        """The agent's last sign of life: a stored heartbeat or report, or its stream."""
+        if self.last_contact_at is None:
+            return agent.last_heartbeat_at
+        return max(agent.last_heartbeat_at, self.last_contact_at)
+
+
+ABSENT = Presence(connected=False, free_slots=0, last_contact_at=None)
+
+
+@dataclass(frozen=True)
 class AgentEvent:
     """One committed change; `agent` is the snapshot after it (None for SYNCED)."""
 

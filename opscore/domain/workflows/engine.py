@@ -188,11 +188,15 @@ class WorkflowEngine:
     # -- task attempts -----------------------------------------------------------
 
     async def serve_tasks(
-        self, agent_id: str, max_in_flight: int
+        self, agent_id: str, max_in_flight: int, held_tokens: tuple[str, ...] = ()
     ) -> AsyncIterator[tuple[Assignment, str]]:
         """An agent's task stream: each assignment with its task token, until the
-        stream is closed; what it still holds then goes back to the queue."""
-        stream = await self._dispatcher.connect(agent_id, max_in_flight)
+        stream is closed; what it still holds then stays leased to the agent. The
+        stream takes over the attempts of `held_tokens` (see Dispatcher.connect)."""
+        held = [
+            self.tokens.read(token, f"held_task_tokens[{i}]") for i, token in enumerate(held_tokens)
+        ]
+        stream = await self._dispatcher.connect(agent_id, max_in_flight, held)
         try:
             while True:
                 assignment = await stream.next()

@@ -42,12 +42,16 @@ BACKOFF_BASE = 0.1
 BACKOFF_MAX = 2.0
 
 # Short reconnect backoff in the channel itself: its default (1s growing to 120s)
-# would keep failing calls long after a restarted server is back.
+# would keep failing calls long after a restarted server is back. Keepalive pings
+# every 30 s, also on an idle task stream (the default stops after two pings without
+# data), notice a vanished server; the server accepts pings every 10 s or slower.
 CHANNEL_OPTIONS = [
     ("grpc.initial_reconnect_backoff_ms", 100),
     ("grpc.min_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", int(BACKOFF_MAX * 1000)),
     ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.http2.max_pings_without_data", 0),
 ]
 
 # Failures a call with a retry deadline (`retry_until`) outlasts: the server is down

@@ -128,6 +128,9 @@ def agent(msg: lifecycle_pb2.Agent) -> types.Agent:
         last_heartbeat_at=_required_time(msg, "last_heartbeat_at"),
         state_observed_at=_time(msg, "state_observed_at"),
         revision=msg.revision,
+        connected=msg.connected,
+        free_slots=msg.free_slots,
+        last_contact_at=_time(msg, "last_contact_at"),
         agent_token=msg.agent_token,
     )
 

@@ -40,6 +40,11 @@ class Agent:
     last_heartbeat_at: datetime
     state_observed_at: datetime | None
     revision: int
+    # What the server sees now: an open task stream, its free slots, and the server
+    # time of the agent's last contact (a call, or its stream while that is open).
+    connected: bool = False
+    free_slots: int = 0
+    last_contact_at: datetime | None = None
     # Set only by the call that issued it (first registration, token rotation) when
     # the server has authentication on; keep it, it is never shown again.
     agent_token: str = field(default="", repr=False)
