@@ -8,7 +8,8 @@ holds what a restart forgets anyway (open streams), so a crash loses nothing.
 
 An open stream is the agent's presence: it counts as contact while it stays open.
 When an agent's last stream closes, its attempts stay leased and it has a short
-grace to open a new one, which adopts them; after the grace it is lost (OFFLINE).
+grace to open a new one, which takes over those it names (held_task_tokens); after
+the grace it is lost (OFFLINE).
 """
 
 from __future__ import annotations
