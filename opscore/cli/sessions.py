@@ -73,6 +73,7 @@ def list_sessions(
 
 
 @app.command("get")
+@app.command("show", hidden=True)  # the other name operators reach for
 def get(
     session_id: SessionId,
     address: Address = DEFAULT_ADDRESS,

@@ -69,6 +69,7 @@ async def test_list_get_events_and_cancel(cli: Cli) -> None:
     assert "step_2" in view.out and '{"n": 1}' in view.out
     assert "waiting: no connected agent with capability 'test_capability'" in view.out
     assert "0/3" in view.out
+    assert (await cli.ok("session", "show", older["session_id"])).out == view.out
     assert "TASK_QUEUED" in events.out and "step_1" in events.out
 
     cancelled, said = await asyncio.gather(
