@@ -190,6 +190,7 @@ def print_watch_table(report: dict[str, Any]) -> None:
     print()
     header = f"{'watch (streams x updates/s)':<30}{'achieved/s':>11}{'delivered':>18}"
     header += f"{'p50 ms':>9}{'p99 ms':>10}{'max ms':>10}{'srv CPU%':>10}"
+    header += f"{'p99 / RPC p99':>15}"
     print(header)
     print("-" * len(header))
     for w in report["watch"]:
@@ -200,6 +201,7 @@ def print_watch_table(report: dict[str, Any]) -> None:
             f"{label:<30}{_fmt(w['achieved_update_rate']):>11}{delivered:>18}"
             f"{lat['p50_ms']:>9.1f}{lat['p99_ms']:>10.1f}{lat['max_ms']:>10.1f}"
             f"{w['server_cpu_pct']:>10.0f}"
+            f"{w['ratios_vs_empty_rpc_at_16']['p99_latency_vs_rpc_p99']:>14.1f}x"
         )
         extra = []
         if w["update_errors"]:
@@ -409,6 +411,13 @@ def main(argv: list[str] | None = None) -> int:
             updates.append(run_updates(n, args.client_procs, warmup, seconds))
         report["baseline"][str(n)] = _median_run(baselines)
         report["updates"][str(n)] = _median_run(updates)
+    if "watch" in parts and "16" not in report["baseline"]:
+        # The watch ratios' denominator, in the same run when the unary part is not run.
+        runs = []
+        for i in range(repeat):
+            print(f"[{i + 1}/{repeat}] Health/Check, 16 in flight ...", flush=True)
+            runs.append(run_baseline(16, args.client_procs, warmup, seconds))
+        report["baseline"]["16"] = _median_run(runs)
     for rate in rates if "watch" in parts else ():
         watches = []
         for i in range(repeat):

@@ -22,6 +22,8 @@ from opspawn.opscore.v1 import (
     workflow_pb2_grpc,
 )
 
+from opscore.api.convert.framing import EventCache
+from opscore.api.convert.session import session_event_to_proto
 from opscore.api.interceptors.auth import Authenticator
 from opscore.api.interceptors.chain import interceptor_chain
 from opscore.api.servicers.lifecycle import LifecycleServicer
@@ -64,17 +66,22 @@ class OpsCoreServer:
         self._credentials = AgentCredentials(store, enabled=bool(keys))
         registry = AgentRegistry(store, clock, settings.registry(), self._credentials)
         liveness = Liveness(store, clock, settings.liveness())
-        self._agent_watch = AgentWatch(store, clock, settings.watch())
         queue = TaskQueue(store, clock)
         self._dispatcher = Dispatcher(
             queue, clock, registry.ready_for_work, liveness.stream_lost, settings.dispatch()
         )
         queue.explain = self._dispatcher.waiting_reason
         liveness.presence = self._dispatcher.presence
+        # Each committed agent event is framed once, for every watcher and for the
+        # byte bounds of the watch.
+        framing = EventCache(self._dispatcher.presence, settings.watch().response_bytes)
+        self._agent_watch = AgentWatch(store, clock, settings.watch(), framing.size)
         self._engine = WorkflowEngine(
             store, clock, settings.workflows(), registry, queue, self._dispatcher
         )
-        self._sessions = SessionHistory(store, clock, settings.sessions())
+        self._sessions = SessionHistory(
+            store, clock, settings.sessions(), lambda e: session_event_to_proto(e).ByteSize()
+        )
         self.authenticator = Authenticator(keys, self._credentials.agent_for_token)
 
         # What hears each commit, in this order: watchers first, then dispatch.
@@ -91,7 +98,7 @@ class OpsCoreServer:
         limits = settings.limits()
         self._servicers = (
             LifecycleServicer(
-                registry, liveness, self._agent_watch, limits, self._dispatcher.presence
+                registry, liveness, self._agent_watch, framing, limits, self._dispatcher.presence
             ),
             WorkflowServicer(self._engine, limits),
             SessionServicer(self._sessions, self._engine),

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from opscore.domain.agents.liveness import LivenessConfig
@@ -15,7 +15,12 @@ from opscore.domain.events.hub import WatchConfig
 from opscore.domain.sessions.history import SessionsConfig
 from opscore.domain.workflows.engine import WorkflowsConfig
 from opscore.protocol.errors import ConfigurationError
-from opscore.protocol.limits import RequestLimits
+from opscore.protocol.limits import (
+    MAX_SESSION_EVENT_BYTES,
+    RequestLimits,
+    max_agent_event_bytes,
+    watch_response_bytes,
+)
 from opscore.store.factory import StoreConfig
 from opscore.store.sqlite.engine import SqliteConfig
 
@@ -63,10 +68,16 @@ class Settings(BaseSettings):
     compaction_interval: float = Field(10.0, gt=0)
     # Events a watcher may fall behind by before it is dropped.
     watch_buffer: int = Field(1024, ge=1)
-    # Under load, watchers get the events of at least this many seconds in one message,
-    # and longer when there are many watchers: fan-out writes at most
-    # watch_messages_per_second stream messages (each costs the event loop ~50 us,
-    # whatever its size; see bench/README.md).
+    # ... or by this many bytes (wire size of its unread events). A watcher that stops
+    # reading costs the server at most this, one response (a quarter of
+    # max_message_bytes, at most 1 MiB), its stream's HTTP/2 window and, while it
+    # replays history, one read of 500 events.
+    watch_buffer_bytes: int = Field(4 * 1024 * 1024, ge=64 * 1024)
+    # An event goes out at once while every watcher has written what it was given and
+    # the last flush carried one event. Otherwise (a backlog) new events wait at least
+    # this many seconds and go out together, and longer when there are many watchers:
+    # fan-out then writes at most watch_messages_per_second stream messages (each
+    # costs the event loop ~50 us, whatever its size; see bench/README.md).
     watch_flush_interval: float = Field(0.005, ge=0, le=1)
     watch_messages_per_second: int = Field(8000, ge=100)
 
@@ -108,6 +119,19 @@ class Settings(BaseSettings):
     def _path_as_text(cls, value: object) -> object:
         return str(value) if isinstance(value, Path) else value
 
+    @model_validator(mode="after")
+    def _events_fit_in_a_message(self) -> Settings:
+        """Every watch event must fit in one message, or a watch could never pass it."""
+        largest = max(max_agent_event_bytes(self.limits()), MAX_SESSION_EVENT_BYTES)
+        if largest > self.max_message_bytes:
+            raise ValueError(
+                f"max_message_bytes {self.max_message_bytes} is below the largest watch event "
+                f"the limits allow ({largest} bytes, from max_capabilities, "
+                "max_metadata_entries, max_metadata_bytes and max_details_bytes): raise it "
+                "or lower those"
+            )
+        return self
+
     def limits(self) -> RequestLimits:
         return RequestLimits(
             max_capabilities=self.max_capabilities,
@@ -132,6 +156,8 @@ class Settings(BaseSettings):
         return WatchConfig(
             max_watchers=self.max_watchers,
             buffer=self.watch_buffer,
+            buffer_bytes=self.watch_buffer_bytes,
+            response_bytes=watch_response_bytes(self.max_message_bytes),
             flush_interval=self.watch_flush_interval,
             messages_per_second=self.watch_messages_per_second,
         )

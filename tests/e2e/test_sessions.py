@@ -12,6 +12,7 @@ import pytest
 from opspawn.opscore.v1 import session_pb2 as S
 from workflow_support import definition, event_types, of_type, single, task, task_of, to_dict
 
+from opscore.protocol.limits import MAX_ERROR_MESSAGE_LENGTH, MAX_SESSION_EVENT_BYTES
 from opscore.store.sqlite import store as sqlite_store
 
 if TYPE_CHECKING:
@@ -504,6 +505,45 @@ async def test_watch_refusals(ops: Harness, rpc: Rpc) -> None:
         call = ops.sessions.WatchSession(request)
         failure = await rpc.fails(call.read(), code)
         assert failure.fields == fields
+
+
+async def test_watch_since_a_sequence_the_session_has_not_reached_is_out_of_range(
+    ops: Harness, rpc: Rpc
+) -> None:
+    """since_sequence beyond the session's last event is OUT_OF_RANGE naming the last
+    sequence (no event would ever come); the last sequence itself waits for live ones."""
+    session = await ops.start(single())
+    sid = session.session_id
+    last = (await ops.events(sid))[-1].sequence
+    call = ops.sessions.WatchSession(S.WatchSessionRequest(session_id=sid, since_sequence=last + 1))
+    failure = await rpc.fails(call.read(), grpc.StatusCode.OUT_OF_RANGE)
+    assert failure.reason == "SEQUENCE_AHEAD"
+    assert failure.error_metadata == {
+        "session_id": sid,
+        "requested_sequence": str(last + 1),
+        "last_sequence": str(last),
+    }
+
+    live = ops.sessions.WatchSession(S.WatchSessionRequest(session_id=sid, since_sequence=last))
+    agent = await ops.agent("w", ["work"])
+    await agent.next()
+    assert event_types(await read_events(live, 1)) == ["TASK_DISPATCHED"]
+    live.cancel()
+
+
+async def test_largest_session_events_are_within_their_bound(ops: Harness) -> None:
+    """A failure with the longest error message the limits allow (4-byte characters)
+    is watched whole, and every event stays under MAX_SESSION_EVENT_BYTES."""
+    agent = await ops.agent("w", ["work"])
+    session = await ops.start(single())
+    message = "\U0001f600" * MAX_ERROR_MESSAGE_LENGTH
+    await agent.fail(await agent.next(), message=message, retryable=False)
+    events = await read_to_end(
+        ops.sessions.WatchSession(S.WatchSessionRequest(session_id=session.session_id))
+    )
+    assert event_types(events)[-2:] == ["TASK_FAILED", "SESSION_FAILED"]
+    assert to_dict(events[-2].detail)["error"] == message
+    assert all(e.ByteSize() <= MAX_SESSION_EVENT_BYTES for e in events)
 
 
 # --------------------------------------------------------------------------- retention

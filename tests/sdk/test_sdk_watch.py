@@ -10,6 +10,7 @@ import pytest
 
 from opscore.protocol import errors
 from opscore.sdk import Agent, AgentEventType, AgentState, OpsCoreClient, SessionEventType
+from opscore.sdk import client as client_module
 
 if TYPE_CHECKING:
     from conftest import StartServer
@@ -93,3 +94,39 @@ async def test_watch_session_resumes_after_restart(
         SessionEventType.SESSION_COMPLETED,
     ]
     assert [e.sequence for e in before + after] == [1, 2, 3, 4, 5]
+
+
+async def test_watches_resuming_ahead_of_the_server_raise_at_once(
+    client: OpsCoreClient, definition: Definition
+) -> None:
+    """A resume point the server has not reached (another server, a restored database)
+    is raised as RevisionAheadError / SequenceAheadError, carrying the server's current
+    position, instead of a watch that waits or retries for ever."""
+    agent = await client.register_agent("A", agent_id="a-1")
+    with pytest.raises(errors.RevisionAheadError) as ahead:
+        await take(client.watch_agents(since_revision=agent.revision + 10), 1)
+    assert ahead.value.metadata["current_revision"] == str(agent.revision)
+
+    await client.create_workflow(definition("wf", ("a", "cap")))
+    session = await client.start_workflow("wf")
+    last = [e.sequence async for e in client.list_session_events(session.session_id)][-1]
+    with pytest.raises(errors.SequenceAheadError) as behind:
+        await take(client.watch_session(session.session_id, since_sequence=last + 1), 1)
+    assert behind.value.metadata["last_sequence"] == str(last)
+
+
+async def test_watch_response_the_client_cannot_receive_is_raised_not_retried(
+    live_server: OpsCoreServer, client: OpsCoreClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """gRPC's own RESOURCE_EXHAUSTED (here: a client that accepts only 8 KiB messages)
+    would recur on every resume, so the watch raises it instead of looping; being
+    dropped as too slow (WATCHER_TOO_SLOW) is what a watch resumes after."""
+    metadata = {f"k{i}": "x" * 1000 for i in range(12)}
+    await client.register_agent("A", agent_id="big", metadata=metadata)
+    options = [*client_module.CHANNEL_OPTIONS, ("grpc.max_receive_message_length", 8192)]
+    monkeypatch.setattr(client_module, "CHANNEL_OPTIONS", options)
+    async with OpsCoreClient(live_server.address) as small:
+        with pytest.raises(errors.OpsCoreError) as raised:
+            await take(small.watch_agents(since_revision=0), 1)
+    assert not isinstance(raised.value, errors.WatcherTooSlowError)
+    assert "larger than max" in raised.value.message

@@ -1,6 +1,7 @@
 """Wire framing of the agent watch: each committed event is serialized once, framed
 as one `events` entry of a WatchAgentStatesResponse, so a response to any watcher is
-the concatenation of cached bytes (the codec interceptor passes bytes through).
+the concatenation of cached bytes (the codec interceptor passes bytes through), cut
+so that no response carries more than the byte budget past its first event.
 
 The agents' live fields (connected, free_slots, last_contact_at) are those of the
 moment an event is first framed, just after its commit, and shared by every watcher;
@@ -9,7 +10,7 @@ snapshot events carry them as of their sending."""
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from opspawn.opscore.v1 import lifecycle_pb2 as pb
 
@@ -37,11 +38,23 @@ def _framed(event: AgentEvent, presence: Callable[[str], Presence]) -> bytes:
 
 
 class EventCache:
-    """The framed bytes of the newest committed events, by revision."""
+    """The framed bytes of the newest committed events, by revision: at most `size`
+    events and `max_bytes` bytes (what the cache holds is shared by all watchers).
+    `presence` is what the open task streams show of an agent (framed with it);
+    `response_bytes` is the budget of one response."""
 
-    def __init__(self, presence: Callable[[str], Presence], size: int = 8192) -> None:
+    def __init__(
+        self,
+        presence: Callable[[str], Presence],
+        response_bytes: int,
+        size: int = 8192,
+        max_bytes: int = 16 << 20,
+    ) -> None:
         self._presence = presence
+        self._response_bytes = response_bytes
         self._size = size
+        self._max_bytes = max_bytes
+        self._bytes = 0
         self._items: OrderedDict[int, bytes] = OrderedDict()
 
     def framed(self, event: AgentEvent) -> bytes:
@@ -50,10 +63,28 @@ class EventCache:
         cached = self._items.get(event.revision)
         if cached is None:
             cached = self._items[event.revision] = _framed(event, self._presence)
-            if len(self._items) > self._size:
-                self._items.popitem(last=False)
+            self._bytes += len(cached)
+            while len(self._items) > 1 and (
+                len(self._items) > self._size or self._bytes > self._max_bytes
+            ):
+                self._bytes -= len(self._items.popitem(last=False)[1])
         return cached
 
-    def response(self, batch: list[AgentEvent]) -> bytes:
-        """A serialized WatchAgentStatesResponse carrying `batch`."""
-        return b"".join([self.framed(e) for e in batch])
+    def size(self, event: AgentEvent) -> int:
+        """The event's wire size (framed once, then cached for the watchers)."""
+        return len(self.framed(event))
+
+    def responses(self, batch: list[AgentEvent]) -> Iterator[bytes]:
+        """Serialized WatchAgentStatesResponse messages carrying `batch` in order, each
+        cut at the byte budget (but holding at least one event)."""
+        parts: list[bytes] = []
+        size = 0
+        for event in batch:
+            framed = self.framed(event)
+            if parts and size + len(framed) > self._response_bytes:
+                yield b"".join(parts)
+                parts, size = [], 0
+            parts.append(framed)
+            size += len(framed)
+        if parts:
+            yield b"".join(parts)

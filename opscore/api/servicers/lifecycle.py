@@ -29,6 +29,7 @@ class LifecycleServicer(lifecycle_pb2_grpc.LifecycleServiceServicer):
         registry: AgentRegistry,
         liveness: Liveness,
         watch: AgentWatch,
+        events: EventCache,
         limits: RequestLimits,
         presence: Callable[[str], Presence],
     ) -> None:
@@ -38,7 +39,7 @@ class LifecycleServicer(lifecycle_pb2_grpc.LifecycleServiceServicer):
         self._watch = watch
         self._limits = limits
         self._presence = presence
-        self._events = EventCache(presence)
+        self._events = events  # shared with the watch, which weighs events by it
 
     def _agent(self, agent: Agent) -> pb.Agent:
         return convert.agent_to_proto(agent, self._presence(agent.agent_id))
@@ -96,6 +97,7 @@ class LifecycleServicer(lifecycle_pb2_grpc.LifecycleServiceServicer):
         self, request: pb.WatchAgentStatesRequest, context: Context
     ) -> AsyncIterator[bytes]:
         """Yields serialized WatchAgentStatesResponse messages built from the shared
-        EventCache."""
+        EventCache, each within the response byte budget."""
         async for batch in self._watch.watch(*convert.watch_request(request)):
-            yield self._events.response(batch)
+            for response in self._events.responses(batch):
+                yield response

@@ -3,25 +3,28 @@ committed events from the hub, each exactly once and in revision order."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 
 from opscore.domain.agents.model import AgentEvent, AgentFilter
 from opscore.domain.clock import Clock
 from opscore.domain.events.hub import Hub, WatchConfig
 from opscore.protocol.enums import AgentEventType
-from opscore.protocol.errors import RevisionCompactedError
+from opscore.protocol.errors import RevisionAheadError, RevisionCompactedError
+from opscore.protocol.limits import WATCH_BATCH
 from opscore.store.base import Store
-
-# Events per watch message and per history read.
-WATCH_BATCH = 500
 
 
 class AgentWatch:
-    def __init__(self, store: Store, clock: Clock, config: WatchConfig) -> None:
+    """`weigh` gives an event's wire size (the edge frames each committed event once),
+    which bounds what a watcher may fall behind by and what one batch carries."""
+
+    def __init__(
+        self, store: Store, clock: Clock, config: WatchConfig, weigh: Callable[[AgentEvent], int]
+    ) -> None:
         self._store = store
         self._clock = clock
         self._config = config
-        self._hub: Hub[AgentEvent] = Hub.configured(config)
+        self._hub: Hub[AgentEvent] = Hub.configured(config, weigh)
 
     def on_commit(self, events: Iterable[object]) -> None:
         """A commit listener: fans committed agent events out to the watchers."""
@@ -35,13 +38,16 @@ class AgentWatch:
         self, flt: AgentFilter, since_revision: int | None, send_initial_state: bool
     ) -> AsyncIterator[list[AgentEvent]]:
         """Yields batches of events in revision order: the initial snapshot or the
-        replayed history first, then live events, each exactly once."""
+        replayed history first, then live events, each exactly once. A since_revision
+        the store has not reached is RevisionAheadError (no event would ever come)."""
 
         def matches(event: AgentEvent) -> bool:
             return event.agent is not None and flt.matches(event.agent)
 
         unfiltered = not flt.agent_ids and not flt.states and not flt.capability
-        with self._hub.subscribe(None if unfiltered else matches, self._config.buffer) as live:
+        config = self._config
+        accepts = None if unfiltered else matches
+        with self._hub.subscribe(accepts, config.buffer, config.buffer_bytes) as live:
             if send_initial_state:
                 agents, last = await self._store.snapshot_agents(flt)
                 now = self._clock.now()
@@ -50,6 +56,9 @@ class AgentWatch:
                     yield snapshot[start : start + WATCH_BATCH]
                 yield [AgentEvent(last, AgentEventType.SYNCED, None, now)]
             elif since_revision is not None:
+                current = await self._store.current_revision()
+                if since_revision > current:
+                    raise RevisionAheadError(since_revision, current)
                 last = since_revision
                 while True:
                     events, compacted = await self._store.agent_events_after(last, WATCH_BATCH)
@@ -64,7 +73,7 @@ class AgentWatch:
             else:
                 last = await self._store.current_revision()
             while True:
-                batch = await live.next_batch(WATCH_BATCH)
+                batch = await live.next_batch(WATCH_BATCH, config.response_bytes)
                 if batch[0].revision <= last:  # overlaps the replayed history
                     batch = [e for e in batch if e.revision > last]
                 if batch:

@@ -4,7 +4,7 @@ retention of finished sessions."""
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -14,7 +14,7 @@ from opscore.domain.events.hub import Hub, WatchConfig
 from opscore.domain.paging import Page
 from opscore.domain.workflows.session import Session, SessionEvent, SessionFilter
 from opscore.protocol.enums import FINISHED, TERMINAL_EVENTS
-from opscore.protocol.errors import SessionNotFoundError
+from opscore.protocol.errors import SequenceAheadError, SessionNotFoundError
 from opscore.store.base import Store
 
 log = logging.getLogger(__name__)
@@ -32,11 +32,20 @@ class SessionsConfig:
 
 
 class SessionHistory:
-    def __init__(self, store: Store, clock: Clock, config: SessionsConfig) -> None:
+    """`weigh` gives an event's wire size, which bounds what a watcher may fall behind
+    by (each event is one response, within MAX_SESSION_EVENT_BYTES)."""
+
+    def __init__(
+        self,
+        store: Store,
+        clock: Clock,
+        config: SessionsConfig,
+        weigh: Callable[[SessionEvent], int],
+    ) -> None:
         self._store = store
         self._clock = clock
         self.config = config
-        self._hub: Hub[SessionEvent] = Hub.configured(config.watch)
+        self._hub: Hub[SessionEvent] = Hub.configured(config.watch, weigh)
 
     def on_commit(self, events: Iterable[object]) -> None:
         """A commit listener: fans committed session events out to the watchers."""
@@ -69,13 +78,17 @@ class SessionHistory:
 
     async def watch(self, session_id: str, since_sequence: int) -> AsyncIterator[SessionEvent]:
         """Every event after `since_sequence` in order, then live ones; ends after the
-        terminal event."""
+        terminal event. A since_sequence past the session's last event is
+        SequenceAheadError."""
 
         def mine(event: SessionEvent) -> bool:
             return event.session_id == session_id
 
-        with self._hub.subscribe(mine, self.config.watch.buffer) as live:
+        config = self.config.watch
+        with self._hub.subscribe(mine, config.buffer, config.buffer_bytes) as live:
             session = await self.get(session_id)
+            if since_sequence > session.last_sequence:
+                raise SequenceAheadError(session_id, since_sequence, session.last_sequence)
             last = since_sequence
             while True:
                 history = await self._store.list_session_events(session_id, last, HISTORY_BATCH)

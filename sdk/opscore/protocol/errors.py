@@ -99,6 +99,33 @@ class RevisionCompactedError(OpsCoreError):
         )
 
 
+class RevisionAheadError(OpsCoreError):
+    """A watch asked to resume after a revision the store has not reached (the client
+    watched another server, or the database was restored from an older copy): no
+    event would ever come, so the watch must start again from a listed revision."""
+
+    def __init__(self, requested: int, current: int) -> None:
+        super().__init__(
+            f"revision {requested} is ahead of the store (current revision {current}); "
+            "re-list and watch from the listed revision",
+            requested_revision=str(requested),
+            current_revision=str(current),
+        )
+
+
+class SequenceAheadError(OpsCoreError):
+    """A session watch asked to resume after a sequence the session has not reached."""
+
+    def __init__(self, session_id: str, requested: int, last: int) -> None:
+        super().__init__(
+            f"session {session_id!r} has no event after sequence {last}, so since_sequence "
+            f"{requested} is ahead of it; watch from {last} or lower",
+            session_id=session_id,
+            requested_sequence=str(requested),
+            last_sequence=str(last),
+        )
+
+
 class WatcherTooSlowError(OpsCoreError):
     """A watcher fell behind by more than its buffer and was dropped."""
 

@@ -25,6 +25,22 @@ MAX_TASK_TOKEN_LENGTH = 1024
 MAX_IN_FLIGHT = 1000  # StreamTasks' max_in_flight
 MAX_WATCH_AGENT_IDS = 1000  # agent ids one watch may name
 
+# Watches. gRPC's default message limit (4 MiB) is the server's default send limit
+# (OPSCORE_MAX_MESSAGE_BYTES) and the receive limit of every client that sets none.
+DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+# A WatchAgentStates response carries at most WATCH_BATCH events and, past its first
+# event, at most watch_response_bytes(); a replay reads WATCH_BATCH events at a time.
+WATCH_BATCH = 500
+# WatchSession sends one SessionEvent per response. Its largest free text is an error
+# message (MAX_ERROR_MESSAGE_LENGTH characters x 4 = 32 KiB); its ids (3 x 128) and other
+# detail entries (names, numbers, timestamps, a waiting message naming a capability)
+# stay under 8 KiB, so an event is below this bound, which the send limit must hold.
+MAX_SESSION_EVENT_BYTES = 64 * 1024
+# Texts are limited in characters; one character is at most this many UTF-8 bytes.
+_UTF8 = 4
+# Protobuf framing (tag + length varint) of one field or map entry, at most.
+_FRAMING = 16
+
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
 
@@ -48,3 +64,27 @@ class RequestLimits:
     max_payload_bytes: int = 256 * 1024  # session input, task output, task parameters
     max_struct_depth: int = 32  # nesting of any of those
     max_tasks_per_definition: int = 1000
+
+
+def watch_response_bytes(max_message_bytes: int) -> int:
+    """The byte budget of one watch response: a quarter of the send limit (1 MiB by
+    default), never more than a default client accepts, so responses stay small."""
+    return min(max_message_bytes, DEFAULT_MAX_MESSAGE_BYTES) // 4
+
+
+def max_agent_event_bytes(limits: RequestLimits) -> int:
+    """The most one AgentEvent, framed in a watch response, can take under `limits`.
+
+    With the defaults: agent_id 128 (ASCII) + name, version, endpoint (256 + 64 + 512)
+    x 4 = 3,456; 64 capabilities x (128 x 4 + 16) = 33,792; metadata 16,384 characters
+    x 4 + 64 entries x 3 x 16 = 68,608; details 16,384 + 16 (bytes, serialized); 24
+    fields of framing, numbers and timestamps x 16 = 384: 122,640 bytes (120 KiB),
+    below the 1 MiB response budget and the 4 MiB send limit, so any event fits in one
+    response and no response exceeds max(budget, one event). Settings refuses limits
+    under which this bound exceeds OPSCORE_MAX_MESSAGE_BYTES.
+    """
+    texts = MAX_ID_LENGTH + _UTF8 * (MAX_NAME_LENGTH + MAX_VERSION_LENGTH + MAX_ENDPOINT_LENGTH)
+    capabilities = limits.max_capabilities * (_UTF8 * MAX_CAPABILITY_LENGTH + _FRAMING)
+    metadata = _UTF8 * limits.max_metadata_bytes + limits.max_metadata_entries * 3 * _FRAMING
+    details = limits.max_details_bytes + _FRAMING
+    return texts + capabilities + metadata + details + 24 * _FRAMING

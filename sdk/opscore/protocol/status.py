@@ -26,6 +26,8 @@ STATUS_TABLE: dict[type[errors.OpsCoreError], tuple[grpc.StatusCode, str]] = {
     errors.AttemptEndedError: (grpc.StatusCode.FAILED_PRECONDITION, "ATTEMPT_ENDED"),
     errors.TaskDispatchError: (grpc.StatusCode.FAILED_PRECONDITION, "TASK_TOKEN_INVALID"),
     errors.RevisionCompactedError: (grpc.StatusCode.OUT_OF_RANGE, "REVISION_COMPACTED"),
+    errors.RevisionAheadError: (grpc.StatusCode.OUT_OF_RANGE, "REVISION_AHEAD"),
+    errors.SequenceAheadError: (grpc.StatusCode.OUT_OF_RANGE, "SEQUENCE_AHEAD"),
     errors.WatcherTooSlowError: (grpc.StatusCode.RESOURCE_EXHAUSTED, "WATCHER_TOO_SLOW"),
     errors.ShuttingDownError: (grpc.StatusCode.UNAVAILABLE, "SHUTTING_DOWN"),
     errors.UnauthenticatedError: (grpc.StatusCode.UNAUTHENTICATED, "UNAUTHENTICATED"),
