@@ -88,7 +88,13 @@ def start(
         str | None, typer.Option(help="Idempotency key: a repeat returns the same session.")
     ] = None,
     wait: Annotated[
-        bool, typer.Option("--wait", help="Follow the session; exit 1 unless it COMPLETED.")
+        bool,
+        typer.Option(
+            "--wait",
+            help="Return when the session has ended: exit 0 if it COMPLETED, 1 if it "
+            "FAILED or was CANCELLED. Shows its events as they happen, or with --json "
+            "only the final session.",
+        ),
     ] = False,
     address: Address = DEFAULT_ADDRESS,
     token: Token = None,
@@ -97,13 +103,17 @@ def start(
     """Start a session of a stored workflow."""
 
     async def go(client: OpsCoreClient) -> Session:
+        # With --json nothing is shown before the end: one start-and-await call.
         session = await client.start_workflow(
-            workflow_id, version=version, input=input, agent_id=agent, request_id=request_id
+            workflow_id,
+            version=version,
+            input=input,
+            agent_id=agent,
+            request_id=request_id,
+            wait=wait and as_json,
         )
-        if not wait:
+        if not wait or as_json:
             return session
-        if as_json:
-            return await client.wait_session(session.session_id)
         render.show(session, False, render.started)
         await follow(client, session, since=0, as_json=False)
         return await client.get_session(session.session_id)

@@ -100,7 +100,7 @@ class OpsCoreServer:
             LifecycleServicer(
                 registry, liveness, self._agent_watch, framing, limits, self._dispatcher.presence
             ),
-            WorkflowServicer(self._engine, limits),
+            WorkflowServicer(self._engine, limits, self._sessions),
             SessionServicer(self._sessions, self._engine),
         )
         self._health = health.aio.HealthServicer()  # type: ignore[attr-defined]

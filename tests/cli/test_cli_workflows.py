@@ -111,3 +111,28 @@ async def test_start_and_wait(cli: Cli, start_worker: StartWorker, tmp_path: Pat
         f"opscore: session {session['session_id']} ended FAILED: {session['error']}"
     ]
     assert "boom exploded" in session["error"]
+
+
+async def test_start_and_wait_for_a_cancelled_session(cli: Cli) -> None:
+    """--wait --json returns when another command cancels the session: the final
+    session on stdout, exit 1 with the reason on stderr."""
+    await cli.ok("workflow", "create", "-f", SAMPLE)
+    waiting = asyncio.create_task(
+        cli("workflow", "start", "sample_workflow_id", "--request-id", "r-9", "--wait", "--json")
+    )
+    for _ in range(100):  # until the waiting start has created the session
+        if listed := await cli.json("session", "list"):
+            break
+    cancelled = await cli.json("session", "cancel", listed[0]["session_id"], "--reason", "stop")
+    assert cancelled["status"] == "CANCELLED"
+
+    ended = await waiting
+    assert ended.code == 1
+    session = ended.json()
+    assert (session["session_id"], session["status"]) == (listed[0]["session_id"], "CANCELLED")
+    assert ended.err.splitlines() == [
+        f"opscore: session {session['session_id']} ended CANCELLED: {session['error']}"
+    ]
+    again = await cli("workflow", "start", "sample_workflow_id", "--request-id", "r-9", "--wait")
+    assert again.code == 1
+    assert again.out.rstrip().endswith(" is CANCELLED")

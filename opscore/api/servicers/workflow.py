@@ -12,6 +12,7 @@ from opscore.api.convert import session as session_convert
 from opscore.api.convert import workflow as convert
 from opscore.api.convert.fields import set_time
 from opscore.api.interceptors.auth import current_principal
+from opscore.domain.sessions.history import SessionHistory
 from opscore.domain.workflows.engine import WorkflowEngine
 from opscore.protocol.limits import RequestLimits
 
@@ -25,9 +26,12 @@ def _caller() -> str:
 
 
 class WorkflowServicer(workflow_pb2_grpc.WorkflowServiceServicer):
-    def __init__(self, engine: WorkflowEngine, limits: RequestLimits) -> None:
+    def __init__(
+        self, engine: WorkflowEngine, limits: RequestLimits, sessions: SessionHistory
+    ) -> None:
         self._engine = engine
         self._limits = limits
+        self._sessions = sessions
 
     async def CreateWorkflowDefinition(
         self, request: workflow_pb2.CreateWorkflowDefinitionRequest, context: Context
@@ -60,7 +64,12 @@ class WorkflowServicer(workflow_pb2_grpc.WorkflowServiceServicer):
     async def StartWorkflow(
         self, request: workflow_pb2.StartWorkflowRequest, context: Context
     ) -> session_pb2.Session:
-        session = await self._engine.start_session(*convert.start_request(request, self._limits))
+        start = convert.start_request(request, self._limits)
+        if request.wait:
+            with self._sessions.awaiting() as ended:
+                session = await ended(await self._engine.start_session(*start))
+        else:
+            session = await self._engine.start_session(*start)
         return session_convert.session_to_proto(session, self._engine.waiting(session))
 
     async def StreamTasks(

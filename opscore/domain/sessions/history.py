@@ -3,9 +3,11 @@ retention of finished sessions."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from datetime import timedelta
 
 from opscore.domain import paging
@@ -14,7 +16,11 @@ from opscore.domain.events.hub import Hub, WatchConfig
 from opscore.domain.paging import Page
 from opscore.domain.workflows.session import Session, SessionEvent, SessionFilter
 from opscore.protocol.enums import FINISHED, TERMINAL_EVENTS
-from opscore.protocol.errors import SequenceAheadError, SessionNotFoundError
+from opscore.protocol.errors import (
+    SequenceAheadError,
+    SessionNotFoundError,
+    ShuttingDownError,
+)
 from opscore.store.base import Store
 
 log = logging.getLogger(__name__)
@@ -29,6 +35,18 @@ class SessionsConfig:
     retention: float
     prune_interval: float
     watch: WatchConfig
+
+
+@dataclass(eq=False)
+class _EndWaiter:
+    """A caller awaiting the end of a session it is starting. Until it knows the
+    session_id it records every session that ends, so an end committed before then is
+    not missed."""
+
+    session_id: str = ""
+    ended_meanwhile: set[str] = field(default_factory=set)
+    has_ended: bool = False
+    woken: asyncio.Event = field(default_factory=asyncio.Event)  # by its end or shutdown
 
 
 class SessionHistory:
@@ -46,10 +64,58 @@ class SessionHistory:
         self._clock = clock
         self.config = config
         self._hub: Hub[SessionEvent] = Hub.configured(config.watch, weigh)
+        # Callers awaiting a session's end: by session_id, and those still starting it.
+        self._waiters: dict[str, set[_EndWaiter]] = {}
+        self._unbound: set[_EndWaiter] = set()
+        self._closed = False
 
     def on_commit(self, events: Iterable[object]) -> None:
-        """A commit listener: fans committed session events out to the watchers."""
-        self._hub.publish(e for e in events if isinstance(e, SessionEvent))
+        """A commit listener: fans committed session events out to the watchers and
+        wakes the callers awaiting a session's end."""
+        mine = [e for e in events if isinstance(e, SessionEvent)]
+        self._hub.publish(mine)
+        if self._waiters or self._unbound:
+            for event in mine:
+                if event.type in TERMINAL_EVENTS:
+                    for waiter in self._unbound:
+                        waiter.ended_meanwhile.add(event.session_id)
+                    for waiter in self._waiters.get(event.session_id, ()):
+                        waiter.has_ended = True
+                        waiter.woken.set()
+
+    @contextmanager
+    def awaiting(self) -> Iterator[Callable[[Session], Awaitable[Session]]]:
+        """Enter before starting a session (so its end cannot be missed); the function
+        given takes the session as started and returns it once it has ended: at once
+        if it had, else read once after its terminal event is committed (no polling).
+        ShuttingDownError when the server stops first."""
+        waiter = _EndWaiter()
+        self._unbound.add(waiter)
+
+        async def ended(session: Session) -> Session:
+            if session.status in FINISHED:
+                return session
+            self._unbound.discard(waiter)
+            waiter.session_id = session.session_id
+            if waiter.session_id not in waiter.ended_meanwhile:
+                self._waiters.setdefault(waiter.session_id, set()).add(waiter)
+                if not self._closed:
+                    await waiter.woken.wait()
+                if not waiter.has_ended:
+                    raise ShuttingDownError(
+                        "server is shutting down; retry with the same request_id"
+                    )
+            return await self.get(waiter.session_id)
+
+        try:
+            yield ended
+        finally:
+            self._unbound.discard(waiter)
+            waiters = self._waiters.get(waiter.session_id)
+            if waiters is not None:
+                waiters.discard(waiter)
+                if not waiters:
+                    del self._waiters[waiter.session_id]
 
     async def get(self, session_id: str) -> Session:
         session = await self._store.get_session(session_id)
@@ -113,8 +179,12 @@ class SessionHistory:
                         return
 
     def close(self) -> None:
-        """Ends every watch (server shutdown)."""
+        """Ends every watch and every wait for a session's end (server shutdown)."""
         self._hub.close()
+        self._closed = True
+        for waiters in self._waiters.values():
+            for waiter in waiters:
+                waiter.woken.set()
 
     async def prune(self) -> int:
         cutoff = self._clock.now() - timedelta(seconds=self.config.retention)

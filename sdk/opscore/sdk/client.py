@@ -16,7 +16,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from datetime import datetime
 from pathlib import Path
-from types import TracebackType
+from types import EllipsisType, TracebackType
 from typing import Any, Self, TypeVar
 
 import grpc
@@ -179,14 +179,18 @@ class OpsCoreClient:
         *,
         idempotent: bool,
         until: float | None = None,
+        limit: float | EllipsisType | None = ...,
     ) -> Resp:
-        """Calls `rpc`; an idempotent call is retried while UNAVAILABLE, `retries`
-        times, or with `until` (a time.monotonic() instant) while UNAVAILABLE or
-        DEADLINE_EXCEEDED for as long as a retry would start before that instant."""
+        """Calls `rpc` within `limit` seconds (default: the client's timeout; None: no
+        deadline); an
+        idempotent call is retried while UNAVAILABLE, `retries` times, or with `until`
+        (a time.monotonic() instant) while UNAVAILABLE or DEADLINE_EXCEEDED for as long
+        as a retry would start before that instant."""
+        timeout = self.timeout if isinstance(limit, EllipsisType) else limit
         attempt = 0
         while True:
             try:
-                return await rpc(request, timeout=self.timeout)
+                return await rpc(request, timeout=timeout)
             except grpc.aio.AioRpcError as err:
                 delay = backoff_delay(attempt)
                 if until is None:
@@ -386,10 +390,14 @@ class OpsCoreClient:
         input: dict[str, Any] | None = None,
         agent_id: str = "",
         request_id: str | None = None,
+        wait: bool = False,
+        max_wait: float | None = None,
     ) -> types.Session:
         """Starts a session of a stored workflow (`workflow_id`, newest version unless
         `version`) or of an inline `definition`. A request_id is generated when none is
-        given, so the retries of this call return the same session."""
+        given, so the retries of this call return the same session. With `wait` the
+        call returns once the session has ended, waiting at most `max_wait` seconds
+        (default: as long as it runs; see execute_workflow)."""
         if (workflow_id is None) == (definition is None):
             raise InvalidArgumentError.single("workflow_id", "give workflow_id or definition")
         request = workflow_pb2.StartWorkflowRequest(
@@ -397,13 +405,43 @@ class OpsCoreClient:
             input=convert.to_struct(input),
             agent_id=agent_id,
             request_id=request_id or str(uuid.uuid4()),
+            wait=wait,
         )
         if definition is not None:
             request.definition.CopyFrom(convert.to_definition(definition))
         else:
             request.workflow_definition_id = workflow_id or ""
-        msg = await self._call(self._workflow.StartWorkflow, request, idempotent=True)
+        limit = max_wait if wait else ...
+        msg = await self._call(self._workflow.StartWorkflow, request, idempotent=True, limit=limit)
         return convert.session(msg)
+
+    async def execute_workflow(
+        self,
+        workflow_id: str | None = None,
+        *,
+        definition: convert.DefinitionSource | None = None,
+        version: str = "",
+        input: dict[str, Any] | None = None,
+        agent_id: str = "",
+        request_id: str | None = None,
+        max_wait: float | None = None,
+    ) -> types.Session:
+        """Starts a session and returns it once it has ended, in one call: check its
+        `status` (COMPLETED, FAILED or CANCELLED), then `output` or `error`. Waits as
+        long as the session runs unless `max_wait` (seconds) is given; when that passes,
+        DeadlineExceededError and the session goes on (call again with the same
+        request_id to wait again). A retry after a lost connection reuses the
+        request_id, so it never starts a second session."""
+        return await self.start_workflow(
+            workflow_id,
+            definition=definition,
+            version=version,
+            input=input,
+            agent_id=agent_id,
+            request_id=request_id,
+            wait=True,
+            max_wait=max_wait,
+        )
 
     async def stream_tasks(
         self, agent_id: str, max_in_flight: int = 1, held_task_tokens: Iterable[str] = ()

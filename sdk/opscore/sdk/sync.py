@@ -119,6 +119,7 @@ class SyncOpsCoreClient:
     list_workflow_definitions = _streaming(OpsCoreClient.list_workflow_definitions)
     delete_workflow_definition = _unary(OpsCoreClient.delete_workflow_definition)
     start_workflow = _unary(OpsCoreClient.start_workflow)
+    execute_workflow = _unary(OpsCoreClient.execute_workflow)
     stream_tasks = _streaming(OpsCoreClient.stream_tasks)
     complete_task = _unary(OpsCoreClient.complete_task)
     fail_task = _unary(OpsCoreClient.fail_task)

@@ -360,6 +360,7 @@ class StartWorkflowRequest(_message.Message):
     INPUT_FIELD_NUMBER: _builtins.int
     AGENT_ID_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    WAIT_FIELD_NUMBER: _builtins.int
     workflow_definition_id: _builtins.str
     """A stored definition (its newest version unless workflow_definition_version is set)."""
     workflow_definition_version: _builtins.str
@@ -367,6 +368,12 @@ class StartWorkflowRequest(_message.Message):
     """Optional: run every task on this agent only."""
     request_id: _builtins.str
     """Idempotency key: a retry with the same key returns the first session."""
+    wait: _builtins.bool
+    """Return only when the session has ended (COMPLETED, FAILED or CANCELLED),
+    with its final state. Bounded by the call's deadline: when it passes the
+    call ends DEADLINE_EXCEEDED and the session goes on; retry with the same
+    request_id to wait again (a session that has already ended returns at once).
+    """
     @_builtins.property
     def definition(self) -> Global___WorkflowDefinition:
         """A definition given inline, validated like a stored one."""
@@ -384,10 +391,11 @@ class StartWorkflowRequest(_message.Message):
         input: _struct_pb2.Struct | None = ...,
         agent_id: _builtins.str = ...,
         request_id: _builtins.str = ...,
+        wait: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["definition", b"definition", "definition_source", b"definition_source", "input", b"input", "workflow_definition_id", b"workflow_definition_id"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "definition", b"definition", "definition_source", b"definition_source", "input", b"input", "request_id", b"request_id", "workflow_definition_id", b"workflow_definition_id", "workflow_definition_version", b"workflow_definition_version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "definition", b"definition", "definition_source", b"definition_source", "input", b"input", "request_id", b"request_id", "wait", b"wait", "workflow_definition_id", b"workflow_definition_id", "workflow_definition_version", b"workflow_definition_version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_definition_source: _TypeAlias = _typing.Literal["workflow_definition_id", "definition"]  # noqa: Y015
     _WhichOneofArgType_definition_source: _TypeAlias = _typing.Literal["definition_source", b"definition_source"]  # noqa: Y015

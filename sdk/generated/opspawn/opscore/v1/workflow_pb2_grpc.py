@@ -118,7 +118,8 @@ class WorkflowServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def StartWorkflow(self, request, context):
-        """Creates a session and queues its first ready tasks.
+        """Creates a session and queues its first ready tasks; with wait, returns
+        the session once it has ended.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

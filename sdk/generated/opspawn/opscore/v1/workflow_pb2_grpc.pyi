@@ -45,7 +45,9 @@ class WorkflowServiceStub:
     DeleteWorkflowDefinition: _grpc.UnaryUnaryMultiCallable[_workflow_pb2.DeleteWorkflowDefinitionRequest, _workflow_pb2.DeleteWorkflowDefinitionResponse]
     """Deletes one version of a definition; runs already started are unaffected."""
     StartWorkflow: _grpc.UnaryUnaryMultiCallable[_workflow_pb2.StartWorkflowRequest, _session_pb2.Session]
-    """Creates a session and queues its first ready tasks."""
+    """Creates a session and queues its first ready tasks; with wait, returns
+    the session once it has ended.
+    """
     StreamTasks: _grpc.UnaryStreamMultiCallable[_workflow_pb2.StreamTasksRequest, _workflow_pb2.TaskAssignment]
     """The dispatch channel: the server pushes tasks to a connected agent."""
     CompleteTask: _grpc.UnaryUnaryMultiCallable[_workflow_pb2.CompleteTaskRequest, _workflow_pb2.CompleteTaskResponse]
@@ -71,7 +73,9 @@ class WorkflowServiceAsyncStub(WorkflowServiceStub):
     DeleteWorkflowDefinition: _aio.UnaryUnaryMultiCallable[_workflow_pb2.DeleteWorkflowDefinitionRequest, _workflow_pb2.DeleteWorkflowDefinitionResponse]  # type: ignore[assignment]
     """Deletes one version of a definition; runs already started are unaffected."""
     StartWorkflow: _aio.UnaryUnaryMultiCallable[_workflow_pb2.StartWorkflowRequest, _session_pb2.Session]  # type: ignore[assignment]
-    """Creates a session and queues its first ready tasks."""
+    """Creates a session and queues its first ready tasks; with wait, returns
+    the session once it has ended.
+    """
     StreamTasks: _aio.UnaryStreamMultiCallable[_workflow_pb2.StreamTasksRequest, _workflow_pb2.TaskAssignment]  # type: ignore[assignment]
     """The dispatch channel: the server pushes tasks to a connected agent."""
     CompleteTask: _aio.UnaryUnaryMultiCallable[_workflow_pb2.CompleteTaskRequest, _workflow_pb2.CompleteTaskResponse]  # type: ignore[assignment]
@@ -124,7 +128,9 @@ class WorkflowServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _workflow_pb2.StartWorkflowRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_session_pb2.Session, _abc.Awaitable[_session_pb2.Session]]:
-        """Creates a session and queues its first ready tasks."""
+        """Creates a session and queues its first ready tasks; with wait, returns
+        the session once it has ended.
+        """
 
     @_abc_1.abstractmethod
     def StreamTasks(
