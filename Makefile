@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 PROTOS := $(wildcard protos/opspawn/opscore/v1/*.proto)
 
-.PHONY: run test proto check-generated lint typecheck buf unit bench clean
+.PHONY: run test proto check-generated lint typecheck buf unit bench bench-peers clean
 
 $(STAMP): pyproject.toml sdk/pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -45,6 +45,10 @@ test: check-generated buf lint typecheck unit
 ## Benchmarks (not part of `make test`); results go in bench/README.md.
 bench: $(STAMP)
 	$(PY) -m bench.run_all
+
+## Start-and-await against Celery and Restate (../shared/peers), interleaved; prints ratios.
+bench-peers: $(STAMP)
+	$(PY) -m bench.peers
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

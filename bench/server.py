@@ -38,6 +38,19 @@ def import_roots(src: Path) -> list[str]:
     return [str(root) for root in roots if root.is_dir()]
 
 
+def use_server_src(src: Path) -> Path:
+    """Serves `src` (resolved) instead of this checkout: this process and the client
+    processes it spawns import the generated stubs of the server they talk to."""
+    src = src.resolve()
+    if src != REPO:
+        stubs = import_roots(src)[-1]
+        sys.path.insert(0, stubs)
+        os.environ["PYTHONPATH"] = os.pathsep.join(
+            p for p in (stubs, os.environ.get("PYTHONPATH", "")) if p
+        )
+    return src
+
+
 class ServerProcess:
     """`with ServerProcess() as srv:` -> a serving Ops-Core on srv.address.
 

@@ -1,4 +1,4 @@
-"""Single-step workflow throughput and dispatch latency (StartWorkflow -> dispatch -> CompleteTask).
+"""Single-step workflows as a client sees them: start-and-await (StartWorkflow wait=true).
 
 Setup (not measured): `agents` agents registered with capability `bench-wf`, and one stored
 definition `bench_single_step` (one task needing `bench-wf`). Two spawned grpc.aio client
@@ -7,28 +7,30 @@ processes then run against the server:
     CompleteTask calls go over a second channel/connection) and answers every TaskAssignment
     at once with CompleteTask(output {"n": k});
   * the starter process calls StartWorkflow(workflow_definition_id=bench_single_step,
-    input {"t": time.time()}), either closed-loop (`in_flight` sessions open at once: a new
-    run starts when the agents process reports a completion over a pipe) or open-loop paced
-    (every 10 ms a burst of rate/100 starts).
-Throughput = CompleteTask calls acknowledged inside the window / window length (counted by
-the agents process). Dispatch latency = agent receipt time (time.time()) - the StartWorkflow
-send time carried in payload.input.t (an upper bound of ready -> received: it includes the
-StartWorkflow call's own server work); after shutdown the same latency is also computed from
-the task's server-side TASK_QUEUED event time (the ready time, read from the database).
-After the window the starter stops, in-flight runs drain, and the sessions are verified:
-no session left PENDING/RUNNING (ListSessions), a sample is COMPLETED with the agent's
+    input {"t": time.time()}, request_id, wait=true), which returns the final Session once
+    the run ended, either closed-loop (`in_flight` calls open at once, the next sent as one
+    returns) or open-loop paced (every 10 ms a burst of rate/100 starts).
+Headline rate = runs whose awaited StartWorkflow returned COMPLETED with the agent's output
+inside the window / window length, with the client's start-and-await latency; the agents
+process's CompleteTask count is kept as a second column. Dispatch latency = agent receipt
+time (time.time()) - the StartWorkflow send time carried in payload.input.t; after shutdown
+it is also computed from the task's server-side TASK_QUEUED event time (read from the
+database). After the window the starter stops, runs in flight return, and the sessions are
+verified: none left PENDING/RUNNING (ListSessions), a sample is COMPLETED with the agent's
 output (GetSession), and the database counts sessions by status.
 """
 
 from __future__ import annotations
 
 import asyncio
-import multiprocessing.connection
 import multiprocessing.synchronize
 import random
 import sqlite3
 import time
+import uuid
 from collections import Counter
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -43,6 +45,7 @@ from opspawn.opscore.v1 import (
 
 from bench.common import SPAWN, latency_summary_ms, machine_busy_cpu_seconds
 from bench.server import ServerProcess
+from bench.unary import measure_rate
 
 CAPABILITY = "bench-wf"
 DEFINITION_ID = "bench_single_step"
@@ -111,7 +114,6 @@ async def _run_agents(
     address: str,
     ids: list[str],
     window: Any,
-    notify: multiprocessing.connection.Connection | None,
     completed_total: Any,
     go: multiprocessing.synchronize.Event,
     stop: multiprocessing.synchronize.Event,
@@ -146,7 +148,7 @@ async def _run_agents(
                 async for assignment in call:
                     now = time.time()
                     assignments += 1
-                    sent = assignment.payload["input"]["t"]
+                    sent = assignment.payload.fields["input"].struct_value.fields["t"].number_value
                     received.append((assignment.session_id, sent, now))
                     n += 1
                     req = workflow_pb2.CompleteTaskRequest(task_token=assignment.task_token)
@@ -160,8 +162,6 @@ async def _run_agents(
                     done = time.time()
                     with completed_total.get_lock():
                         completed_total.value += 1
-                    if notify is not None:
-                        notify.send_bytes(b"")
                     if start <= done < end:
                         counted += 1
                         complete_latencies.append(time.perf_counter() - began)
@@ -199,19 +199,26 @@ def _agents_main(
     address: str,
     ids: list[str],
     window: Any,
-    notify: multiprocessing.connection.Connection | None,
     completed_total: Any,
     go: multiprocessing.synchronize.Event,
     stop: multiprocessing.synchronize.Event,
     ready: Any,
     out: Any,
 ) -> None:
-    out.put(
-        asyncio.run(_run_agents(address, ids, window, notify, completed_total, go, stop, ready))
-    )
+    out.put(asyncio.run(_run_agents(address, ids, window, completed_total, go, stop, ready)))
 
 
 # -- starter process --------------------------------------------------------------------
+
+
+def _awaited_ok(session: session_pb2.Session) -> bool:
+    """The final Session a client gets back: COMPLETED, with the agent's output."""
+    task_output = session.output.fields.get(TASK_ID)
+    return (
+        session.status == session_pb2.SESSION_STATUS_COMPLETED
+        and task_output is not None
+        and "n" in task_output.struct_value.fields
+    )
 
 
 async def _run_starter(
@@ -220,13 +227,13 @@ async def _run_starter(
     rate: float,
     window: Any,
     go: multiprocessing.synchronize.Event,
-    completions: multiprocessing.connection.Connection | None,
     started_total: Any,
     ready: Any,
 ) -> dict[str, Any]:
-    started = 0  # acknowledged StartWorkflow calls sent inside the window
+    awaited = 0  # runs sent and returned COMPLETED with output inside the window
+    bad: Counter[str] = Counter()  # returned, but not COMPLETED with the agent's output
     errors: Counter[str] = Counter()
-    latencies: list[float] = []
+    latencies: list[float] = []  # start-and-await, as the client sees it
     cpu: dict[str, float] = {}
     pending: set[asyncio.Task[None]] = set()
     async with grpc.aio.insecure_channel(address) as channel:
@@ -236,39 +243,35 @@ async def _run_starter(
         await asyncio.to_thread(go.wait)
         t0, start, end = window[0], window[1], window[2]
         await asyncio.sleep(max(0.0, t0 - time.time()))
-        slots = asyncio.Semaphore(in_flight)
-        loop = asyncio.get_running_loop()
-        if completions is not None:
 
-            def on_completion() -> None:
-                assert completions is not None
-                while completions.poll():
-                    completions.recv_bytes()
-                    slots.release()
-
-            loop.add_reader(completions.fileno(), on_completion)
-
-        async def start_one() -> None:
-            nonlocal started
+        async def start_and_await() -> None:
+            nonlocal awaited
             sent = time.time()
-            req = workflow_pb2.StartWorkflowRequest(workflow_definition_id=DEFINITION_ID)
+            req = workflow_pb2.StartWorkflowRequest(
+                workflow_definition_id=DEFINITION_ID, request_id=str(uuid.uuid4()), wait=True
+            )
             req.input.update({"t": sent})
             began = time.perf_counter()
             try:
-                await stub.StartWorkflow(req, timeout=10)
+                session = await stub.StartWorkflow(req, timeout=30)
             except grpc.aio.AioRpcError as exc:
                 errors[exc.code().name] += 1
-                if completions is not None:
-                    slots.release()  # this run will never complete
                 return
+            took = time.perf_counter() - began
             with started_total.get_lock():
                 started_total.value += 1
-            if start <= sent < end:
-                started += 1
-                latencies.append(time.perf_counter() - began)
+            if not _awaited_ok(session):
+                bad[STATUS_NAMES.get(session.status, str(session.status))] += 1
+            elif start <= time.time() < end:
+                awaited += 1
+                latencies.append(took)
+
+        async def closed_loop_slot() -> None:
+            while time.time() < end:
+                await start_and_await()
 
         def launch() -> None:
-            task = asyncio.create_task(start_one())
+            task = asyncio.create_task(start_and_await())
             pending.add(task)
             task.add_done_callback(pending.discard)
 
@@ -279,12 +282,8 @@ async def _run_starter(
             cpu["end"] = time.process_time()
 
         sampler = asyncio.create_task(sample_cpu())
-        if completions is not None:  # closed loop: `in_flight` runs open at once
-            while True:
-                await slots.acquire()
-                if time.time() >= end:
-                    break
-                launch()
+        if in_flight > 0:  # closed loop: `in_flight` calls open at once
+            await asyncio.gather(*(closed_loop_slot() for _ in range(in_flight)))
         else:  # open loop: every TICK a burst, so the mean rate is `rate`
             tick = 0
             issued = 0
@@ -298,12 +297,11 @@ async def _run_starter(
         await sampler
         if pending:
             await asyncio.gather(*list(pending), return_exceptions=True)
-        if completions is not None:
-            loop.remove_reader(completions.fileno())
     return {
-        "started": started,
+        "awaited": awaited,
+        "not_completed": dict(bad),
         "errors": dict(errors),
-        "start_latencies": latencies,
+        "await_latencies": latencies,
         "cpu_seconds": cpu.get("end", 0.0) - cpu.get("start", 0.0),
     }
 
@@ -314,16 +312,11 @@ def _starter_main(
     rate: float,
     window: Any,
     go: multiprocessing.synchronize.Event,
-    completions: multiprocessing.connection.Connection | None,
     started_total: Any,
     ready: Any,
     out: Any,
 ) -> None:
-    out.put(
-        asyncio.run(
-            _run_starter(address, in_flight, rate, window, go, completions, started_total, ready)
-        )
-    )
+    out.put(asyncio.run(_run_starter(address, in_flight, rate, window, go, started_total, ready)))
 
 
 # -- verification -----------------------------------------------------------------------
@@ -400,7 +393,8 @@ def measure_workflow(
     in_flight: int = 0,
     rate: float = 0.0,
 ) -> dict[str, Any]:
-    """Closed loop with `in_flight` open runs, or open loop at `rate` starts/s (in_flight=0)."""
+    """Closed loop with `in_flight` awaited runs open, or open loop at `rate` starts/s
+    (in_flight=0); every start awaits its run's end (StartWorkflow wait=true)."""
     closed = in_flight > 0
     go = SPAWN.Event()
     stop = SPAWN.Event()
@@ -410,25 +404,14 @@ def measure_workflow(
     completed_total = SPAWN.Value("q", 0)
     started_total = SPAWN.Value("q", 0)
     window = SPAWN.Array("d", 3)  # t0, window start, window end (time.time()), set at `go`
-    recv_end, send_end = SPAWN.Pipe(duplex=False) if closed else (None, None)
     agents = SPAWN.Process(
         target=_agents_main,
-        args=(server.address, ids, window, send_end, completed_total, go, stop, ready, agents_out),
+        args=(server.address, ids, window, completed_total, go, stop, ready, agents_out),
         daemon=True,
     )
     starter = SPAWN.Process(
         target=_starter_main,
-        args=(
-            server.address,
-            in_flight or 1,
-            rate,
-            window,
-            go,
-            recv_end,
-            started_total,
-            ready,
-            starter_out,
-        ),
+        args=(server.address, in_flight, rate, window, go, started_total, ready, starter_out),
         daemon=True,
     )
     agents.start()
@@ -446,9 +429,9 @@ def measure_workflow(
     time.sleep(max(0.0, end - time.time()))
     server_cpu = server.cpu_seconds() - server_cpu_start
     machine_cpu = machine_busy_cpu_seconds() - machine_start
-    starter_result = starter_out.get(timeout=60)
+    starter_result = starter_out.get(timeout=90)  # after every awaited run returned
     starter.join(10)
-    # Drain: every started run should complete (agents answer at once).
+    # Every awaited run returned, so the agents have answered all of them.
     drain_deadline = time.monotonic() + 15
     while completed_total.value < started_total.value and time.monotonic() < drain_deadline:
         time.sleep(0.02)
@@ -468,18 +451,19 @@ def measure_workflow(
         "agents": len(ids),
         "max_in_flight_per_agent": MAX_IN_FLIGHT_PER_AGENT,
         "seconds": seconds,
-        "completed": agents_result["counted"],
-        "rate": agents_result["counted"] / seconds,
-        "started_in_window": starter_result["started"],
-        "start_rate": starter_result["started"] / seconds,
+        "awaited": starter_result["awaited"],
+        "rate": starter_result["awaited"] / seconds,
+        "await_latency": latency_summary_ms(starter_result["await_latencies"]),
+        "agent_completed": agents_result["counted"],
+        "agent_rate": agents_result["counted"] / seconds,
         "started_total": started_total.value,
         "completed_total": completed_total.value,
         "drained": drained,
         "start_errors": starter_result["errors"],
+        "not_completed": starter_result["not_completed"],
         "complete_errors": agents_result["errors"],
         "stream_ends": agents_result["stream_ends"],
         "dispatch_latency": latency_summary_ms(dispatch),
-        "start_latency": latency_summary_ms(starter_result["start_latencies"]),
         "complete_latency": latency_summary_ms(agents_result["complete_latencies"]),
         "verification": verification,
         "server_cpu_pct": 100 * server_cpu / seconds,
@@ -498,3 +482,49 @@ def finish_with_db(result: dict[str, Any], server: ServerProcess) -> None:
     summary = db_summary(server.db, in_window)
     result["verification"]["db_sessions_by_status"] = summary["sessions_by_status"]
     result["queued_to_receipt_latency"] = latency_summary_ms(summary["queued_to_receipt"])
+
+
+def run_on_fresh_server(
+    src: Path,
+    env: Mapping[str, str],
+    agents: int,
+    warmup: float,
+    seconds: float,
+    in_flight: int = 0,
+    rate: float = 0.0,
+) -> dict[str, Any]:
+    """One measurement on its own server. A closed-loop run first measures the empty RPC
+    (Health/Check) at the same in-flight count on that same server, its denominator."""
+    with ServerProcess(src, env) as server:
+        ids = wf_agent_ids(agents)
+        setup(server.address, ids)
+        baseline = (
+            measure_rate(server, "health", in_flight, 1, warmup, seconds) if in_flight else None
+        )
+        result = measure_workflow(server, ids, warmup, seconds, in_flight=in_flight, rate=rate)
+        server.stop()
+        result["server"] = {"exit_code": server.exit_code, "warnings": server.problems[:5]}
+        finish_with_db(result, server)
+    if baseline is not None:
+        result["baseline"] = baseline
+        result["ratio_to_empty_rpc"] = result["rate"] / baseline["rate"]
+    return result
+
+
+def check_problems(r: dict[str, Any]) -> list[str]:
+    """What a finished measurement's checks found wrong (empty: every check passed)."""
+    v = r["verification"]
+    keys = ("start_errors", "not_completed", "complete_errors", "stream_ends")
+    problems = [f"{k} {r[k]}" for k in keys if r[k]]
+    if not r["drained"]:
+        problems.append("not drained")
+    if v.get("open_after_drain"):
+        problems.append(f"{v['open_after_drain']} sessions still open")
+    db = v.get("db_sessions_by_status", {})
+    if db != {"SESSION_STATUS_COMPLETED": r["completed_total"]}:
+        problems.append(f"db {db}")
+    if v.get("sample_with_agent_output") != v.get("sample"):
+        problems.append(f"sample {v.get('sample_statuses')}")
+    if r["server"]["exit_code"] != 0:
+        problems.append(f"server exit {r['server']['exit_code']}")
+    return problems
