@@ -11,12 +11,22 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import grpc
 from opspawn.opscore.v1 import lifecycle_pb2, lifecycle_pb2_grpc
 
 from bench.server import REPO
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def result_file(prefix: str, suffix: str = "json") -> Path:
+    """A new timestamped file in bench/results/ (created on first use)."""
+    RESULTS.mkdir(exist_ok=True)
+    return RESULTS / time.strftime(f"{prefix}-%Y%m%d-%H%M%S.{suffix}")
+
 
 SPAWN: multiprocessing.context.SpawnContext = multiprocessing.get_context("spawn")
 

@@ -22,15 +22,13 @@ import statistics
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import machine_info
+from bench.common import machine_info, result_file
 from bench.server import REPO, use_server_src
 from bench.workflow import check_problems, run_on_fresh_server
 
-RESULTS = Path(__file__).resolve().parent / "results"
 PEERS = ("celery", "restate")
 OURS = "opscore"
 # Issue 14's targets at 16 in flight, start-and-await as a client sees it.
@@ -265,8 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     report["peer_meta"] = meta
     report["failures"] = failures
     report["verdicts"] = print_report(report["rounds"], failures)
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / time.strftime("peers-%Y%m%d-%H%M%S.json")
+    out = result_file("peers")
     out.write_text(json.dumps(report, indent=2, default=str))
     print(f"\nwrote {out}")
     return 0

@@ -17,13 +17,12 @@ import re
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
+from bench.common import result_file
 from bench.server import REPO, ServerProcess, use_server_src
 from bench.workflow import measure_workflow, setup, wf_agent_ids
 
-RESULTS = Path(__file__).resolve().parent / "results"
 PY_SPY = Path(sys.executable).parent / "py-spy"
 START_AFTER = 4.0  # s from launching the load to recording: clients spawned, warm-up done
 DISPATCH = ("Handle._run ", "_WorkItem.run ", "Thread.run ", "BaseEventLoop._run_once ")
@@ -161,8 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         print(aggregate(args.raw, args.top))
         return 0
     src = use_server_src(args.server_src)
-    RESULTS.mkdir(exist_ok=True)
-    raw = RESULTS / time.strftime("profile-%Y%m%d-%H%M%S.txt")
+    raw = result_file("profile", "txt")
     with ServerProcess(src) as server:
         ids = wf_agent_ids(args.agents)
         setup(server.address, ids)

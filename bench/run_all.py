@@ -20,13 +20,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench.common import agent_ids, machine_info, register_agents
+from bench.common import agent_ids, machine_info, register_agents, result_file
 from bench.server import REPO, ServerProcess, use_server_src
 from bench.unary import measure_rate
 from bench.watch import measure_watch
 from bench.workflow import check_problems, run_on_fresh_server
 
-RESULTS = Path(__file__).resolve().parent / "results"
 IN_FLIGHT = (16, 64)
 AGENTS = 64
 UPDATE_TARGET = 0.7  # UpdateAgentState rate >= 70% of the empty-RPC rate (issue 14)
@@ -409,8 +408,7 @@ def main(argv: list[str] | None = None) -> int:
     report["verdicts"] = verdicts(report)
 
     print_table(report)
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / time.strftime("bench-%Y%m%d-%H%M%S.json")
+    out = result_file("bench")
     out.write_text(json.dumps(report, indent=2, default=str))
     print(f"\nwrote {out}")
     return 0
