@@ -4,13 +4,13 @@ stable paging, cancelling, the event history, live watch with resume, and retent
 from __future__ import annotations
 
 import asyncio
-from datetime import UTC, timedelta
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 import grpc
 import pytest
 from opspawn.opscore.v1 import session_pb2 as S
-from workflow_support import definition, event_types, of_type, single, task, task_of, to_dict
+from workflow_support import at, definition, event_types, of_type, single, task, task_of, to_dict
 
 from opscore.protocol.limits import MAX_ERROR_MESSAGE_LENGTH, MAX_SESSION_EVENT_BYTES
 from opscore.store.sqlite import store as sqlite_store
@@ -23,10 +23,6 @@ INVALID = grpc.StatusCode.INVALID_ARGUMENT
 NOT_FOUND = grpc.StatusCode.NOT_FOUND
 PRECONDITION = grpc.StatusCode.FAILED_PRECONDITION
 READ = 5.0
-
-
-def at(stamp: Any) -> Any:
-    return stamp.ToDatetime(tzinfo=UTC)
 
 
 async def read_events(call: Any, count: int, within: float = READ) -> list[S.SessionEvent]:

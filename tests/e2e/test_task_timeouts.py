@@ -4,14 +4,15 @@ receives, what the history records, and what GetSession shows."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from datetime import timedelta
+from typing import TYPE_CHECKING
 
 import grpc
 import pytest
 from workflow_support import (
     S,
     W,
+    at,
     definition,
     duration,
     event_types,
@@ -28,10 +29,6 @@ if TYPE_CHECKING:
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 PRECONDITION = grpc.StatusCode.FAILED_PRECONDITION
-
-
-def at(stamp: Any) -> datetime:
-    return stamp.ToDatetime(tzinfo=UTC)  # type: ignore[no-any-return]
 
 
 async def test_start_to_close_ends_an_attempt_that_keeps_heartbeating(ops: Harness) -> None:

@@ -4,7 +4,7 @@ leases and heartbeats, and task tokens (forged, stale, duplicate)."""
 
 from __future__ import annotations
 
-from datetime import UTC, timedelta
+from datetime import timedelta
 from typing import TYPE_CHECKING
 
 import grpc
@@ -13,6 +13,7 @@ from opspawn.opscore.v1 import session_pb2 as S
 from opspawn.opscore.v1 import workflow_pb2 as W
 from workflow_support import (
     EXAMPLES,
+    at,
     definition,
     event_types,
     of_type,
@@ -31,10 +32,6 @@ if TYPE_CHECKING:
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 NOT_FOUND = grpc.StatusCode.NOT_FOUND
 PRECONDITION = grpc.StatusCode.FAILED_PRECONDITION
-
-
-def at(stamp: object) -> object:
-    return stamp.ToDatetime(tzinfo=UTC)  # type: ignore[attr-defined]
 
 
 async def test_sample_two_step_workflow_runs_to_completion(ops: Harness) -> None:

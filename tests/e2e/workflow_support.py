@@ -13,11 +13,12 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Awaitable, Callable, Iterable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import grpc
-from google.protobuf import duration_pb2, struct_pb2
+from google.protobuf import duration_pb2, struct_pb2, timestamp_pb2
 from opspawn.opscore.v1 import (
     lifecycle_pb2,
     lifecycle_pb2_grpc,
@@ -48,6 +49,11 @@ def duration(seconds: float) -> duration_pb2.Duration:
     out.seconds = int(seconds)
     out.nanos = round((seconds - int(seconds)) * 1e9)
     return out
+
+
+def at(stamp: timestamp_pb2.Timestamp) -> datetime:
+    """A Timestamp as an aware UTC datetime."""
+    return stamp.ToDatetime(tzinfo=UTC)
 
 
 def struct(values: dict[str, Any] | None = None, **more: Any) -> struct_pb2.Struct:
